@@ -1,0 +1,30 @@
+# Each target sets itself up from nothing: the virtual environment is created when missing
+# and the project installed into it (the CPU build of torch, pinned).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.tca-installed
+
+.PHONY: test test-fast demo bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+## test: the whole suite (the command CI runs); Triton kernels run in the interpreter on CPU
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest
+
+## test-fast: everything but the slow tests that use the shipped demo pair
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow"
+
+## demo: the main job on the shipped demo pair, written to demo-out/
+demo: $(STAMP)
+	$(VENV)/bin/tca demo --out demo-out
+
+clean-venv:
+	rm -rf $(VENV)

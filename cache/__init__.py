@@ -1,0 +1,1 @@
+"""Stage 1: models, the data plan, the harvester and the Zarr activation store."""

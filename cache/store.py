@@ -1,0 +1,285 @@
+"""The activation store: one Zarr v3 group per harvest run, plus two Parquet tables.
+
+    STORE/
+      zarr.json              group attributes (see ``StoreSpec`` and ``Store.attrs``)
+      layers/<L>/x           [rows, d]  target MLP input, model dtype
+      layers/<L>/delta       [rows, d]  MLP_target(x) - MLP_base(x), model dtype
+      layers/<L>/y           [rows, d]  optional: MLP_target(x)
+      rows/token             [rows]     int64 global token index of each row
+      _progress/committed    [blocks]   uint8, 1 once every array of that row block is written
+      tokens.parquet, docs.parquet
+
+Rows are fixed by the data plan before any activation exists, so every array is created at
+its full size and a harvest only fills blocks in. A *block* is ``block_rows`` consecutive
+rows (one shard of every array): writers write whole blocks, so no two writers ever touch
+one file, and a block becomes visible to readers only once its flag in ``_progress`` is set,
+after all of its arrays are written.
+
+Zarr v3 has no bfloat16, so bf16 activations are stored as their uint16 bit pattern with
+``"tca_encoding": "bfloat16"`` in the array's attributes; ``decode`` turns them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from tca import TcaError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tca-activations"
+FORMAT_VERSION = 1
+ARRAY_NAMES = ("x", "delta", "y")
+
+_STORAGE_DTYPES = {
+    torch.float32: ("float32", "float32"),
+    torch.float16: ("float16", "float16"),
+    torch.bfloat16: ("uint16", "bfloat16"),
+}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an encoding or dtype name (``"bfloat16"``, ``"float32"``, …)."""
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise TcaError(f"unknown activation dtype {name!r}; use one of {sorted(_TORCH_DTYPES)}.") from None
+
+
+def encode(t: torch.Tensor) -> np.ndarray:
+    """A tensor in its storage form: bf16 as its uint16 bit pattern, others as they are."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def decode(a: np.ndarray, encoding: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Stored values as a tensor of their own dtype, or cast to ``dtype``."""
+    a = np.ascontiguousarray(a)
+    if encoding == "bfloat16":
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+@dataclass
+class StoreSpec:
+    """Everything fixed when a store is created."""
+
+    layers: list[int]
+    """Model layers with stored activations, ascending."""
+    d_model: int
+    """Width of x and delta (the model's hidden size)."""
+    dtype: str
+    """Activation dtype as the model computes it: ``bfloat16``, ``float16`` or ``float32``."""
+    n_rows: int
+    """Rows per array, fixed by the data plan (one per kept token)."""
+    block_rows: int = 4096
+    """Rows per shard: the unit of writing, committing and parallel work."""
+    chunk_rows: int = 512
+    """Rows per chunk inside a shard: the unit of reading and compression."""
+    store_y: bool = False
+    """Also store ``y = MLP_target(x)``."""
+    compressor: str = "none"
+    """``none`` or ``zstd`` (level 1); random-mantissa floats compress little."""
+    attrs: dict[str, Any] = field(default_factory=dict)
+    """Provenance: models, harvest config, dataset fingerprint, token counts."""
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_rows // self.block_rows)
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return ARRAY_NAMES if self.store_y else ARRAY_NAMES[:2]
+
+
+def _split_url(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+class Store:
+    """An activation store opened for reading (``mode="r"``) or filling in (``mode="r+"``)."""
+
+    def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
+        self.url = url
+        self.group = group
+        self.storage_options = storage_options or {}
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise TcaError(f"{url} is not a tca activation store (no '{FORMAT}' format tag).")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise TcaError(
+                f"{url} has store format version {attrs.get('format_version')}, this tca reads "
+                f"version {FORMAT_VERSION}; harvest it again or use a matching tca release."
+            )
+        self.spec = StoreSpec(**{f.name: attrs[f.name] for f in dataclasses.fields(StoreSpec)})
+
+    # ---- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, url: str, spec: StoreSpec, storage_options: dict | None = None) -> Store:
+        """Create an empty store with every array at full size; refuses an existing path."""
+        fs, path = _split_url(url, storage_options)
+        if fs.exists(path) and fs.ls(path):
+            raise TcaError(f"{url} already exists; pass --resume to continue it or choose a new --out.")
+        if spec.block_rows % spec.chunk_rows:
+            raise TcaError(f"block_rows ({spec.block_rows}) must be a multiple of chunk_rows ({spec.chunk_rows}).")
+        storage, encoding = _STORAGE_DTYPES[torch_dtype(spec.dtype)]
+        compressors = _compressors(spec.compressor)
+        group = zarr.open_group(url, mode="w-", storage_options=storage_options)
+        n = max(spec.n_rows, 1)
+        for layer in spec.layers:
+            for name in spec.array_names:
+                group.create_array(
+                    f"layers/{layer}/{name}",
+                    shape=(spec.n_rows, spec.d_model),
+                    dtype=storage,
+                    chunks=(min(spec.chunk_rows, n), spec.d_model),
+                    shards=(min(spec.block_rows, n), spec.d_model),
+                    compressors=compressors,
+                    fill_value=0,
+                    attributes={"tca_encoding": encoding},
+                )
+        group.create_array(
+            "rows/token", shape=(spec.n_rows,), dtype="int64",
+            chunks=(min(spec.block_rows, n),), compressors=_compressors("zstd"), fill_value=-1,
+        )
+        group.create_array(
+            "_progress/committed", shape=(spec.n_blocks,), dtype="uint8", chunks=(1,),
+            compressors=None, fill_value=0,
+        )
+        meta = dataclasses.asdict(spec) | {"format": FORMAT, "format_version": FORMAT_VERSION}
+        group.attrs.update(meta)
+        return cls(url, group, storage_options)
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> Store:
+        """Open an existing store; ``mode="r+"`` to fill in blocks."""
+        fs, path = _split_url(url, storage_options)
+        if not fs.exists(fs.sep.join([path.rstrip(fs.sep), "zarr.json"])):
+            raise TcaError(f"{url} is not an activation store (no zarr.json there).")
+        group = zarr.open_group(url, mode=mode, storage_options=storage_options)
+        return cls(url, group, storage_options)
+
+    # ---- what the store holds ----------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(values)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.spec.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.spec.d_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.spec.dtype)
+
+    @property
+    def n_rows(self) -> int:
+        return self.spec.n_rows
+
+    def array(self, layer: int, name: str) -> zarr.Array:
+        if layer not in self.spec.layers:
+            raise TcaError(f"layer {layer} is not in {self.url}; it holds layers {self.spec.layers}.")
+        if name not in self.spec.array_names:
+            raise TcaError(f"{self.url} has no '{name}' arrays; it holds {list(self.spec.array_names)}.")
+        return self.group[f"layers/{layer}/{name}"]
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.spec.block_rows
+        return start, min(start + self.spec.block_rows, self.spec.n_rows)
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def read(self, layer: int, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of one array as a tensor (the model dtype unless ``dtype``)."""
+        arr = self.array(layer, name)
+        return decode(arr[start:stop], arr.attrs["tca_encoding"], dtype)
+
+    def row_tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Global token index of rows ``[start, stop)``."""
+        return self.group["rows/token"][start : self.n_rows if stop is None else stop]
+
+    def committed(self) -> np.ndarray:
+        """One bool per block: True once all of its arrays are written."""
+        return self.group["_progress/committed"][:].astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.committed().all())
+
+    def committed_rows(self) -> int:
+        done = np.flatnonzero(self.committed())
+        return int(sum(stop - start for start, stop in map(self.block_range, done)))
+
+    def dask_array(self, layer: int, name: str, dtype: str | None = "float32"):
+        """One array as a dask array of its stored chunks, decoded (to ``dtype`` if given)."""
+        import dask.array as da
+
+        arr = self.array(layer, name)
+        raw = da.from_zarr(arr)
+        if arr.attrs["tca_encoding"] == "bfloat16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw if dtype is None else raw.astype(dtype)
+
+    def table(self, name: str) -> pa.Table:
+        """``tokens`` or ``docs`` as an Arrow table."""
+        fs, path = _split_url(self.url, self.storage_options)
+        with fs.open(f"{path.rstrip('/')}/{name}.parquet", "rb") as f:
+            return pq.read_table(f)
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def write_block(self, block: int, arrays: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Write every array of one block, then mark it committed (the commit is last)."""
+        start, stop = self.block_range(block)
+        for layer in self.spec.layers:
+            for name in self.spec.array_names:
+                values = arrays[layer][name]
+                if values.shape != (stop - start, self.spec.d_model):
+                    raise ValueError(f"block {block} of layer {layer}/{name} has shape {tuple(values.shape)}")
+                self.array(layer, name)[start:stop] = encode(values.to(self.dtype))
+        self.group["_progress/committed"][block] = 1
+
+    def write_row_tokens(self, tokens: np.ndarray) -> None:
+        self.group["rows/token"][:] = np.asarray(tokens, dtype=np.int64)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write ``tokens`` or ``docs``; to a temporary name first so it appears whole."""
+        fs, path = _split_url(self.url, self.storage_options)
+        final = f"{path.rstrip('/')}/{name}.parquet"
+        tmp = final + ".tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, final)
+
+
+def _compressors(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    raise TcaError(f"unknown compressor {name!r}; use 'none' or 'zstd'.")

@@ -1,0 +1,1 @@
+"""Triton kernels for sparse adapter training, each beside its PyTorch twin."""

@@ -1,0 +1,1 @@
+"""Stage 3: the DuckDB index of every feature activation and the SQL entry points."""

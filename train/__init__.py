@@ -1,0 +1,1 @@
+"""Stage 2: transcoder adapters, the store loader, training, splicing and interventions."""
