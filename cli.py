@@ -74,5 +74,296 @@ def emit(data: dict, as_json: bool, render) -> None:
         render(data)
 
 
+@main.command("build-pair")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory to write base/, reasoning/, data/ and README.md into.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the problems, initialisation and batch order.")
+@click.option("--threads", default=1, show_default=True, help="CPU threads (part of the recipe: results depend on it).")
+@click.option("--force", is_flag=True, help="Overwrite the pair in a directory that already holds files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths and measured figures as JSON.")
+def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) -> None:
+    """Build the demo base/reasoning pair from a fixed seed and measure it (minutes on a CPU)."""
+    from pathlib import Path
+
+    from tca.toy.build import BuildConfig, build  # torch-heavy; keeps `tca --help` quick
+    from tca.toy.measure import figures_json
+
+    result = build(BuildConfig(out=Path(out), seed=seed, threads=threads, overwrite=force))
+    data = {
+        "base": result.base, "reasoning": result.reasoning, "readme": result.readme,
+        "figures": figures_json(result.figures) if result.figures else None,
+    }
+    emit(data, as_json, lambda d: click.echo(f"wrote {out} (figures in {d['readme']})"))
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@click.option("--data", required=True, help="JSONL or Parquet file of conversations or texts.")
+@click.option("--out", required=True, help="Store to write: a path or an fsspec URL.")
+@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
+@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens in all.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
+@click.option("--batch-tokens", default=8192, show_default=True, help="Padded tokens per forward pass.")
+@click.option("--keep-frac", default=1.0, show_default=True, help="Fraction of tokens stored, chosen per token from --seed.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the per-token subsampling.")
+@click.option("--skip-sinks", is_flag=True, help="Store no rows for the first position and BOS tokens.")
+@click.option("--store-y", is_flag=True, help="Also store y = MLP_target(x).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", "conversations", "text"]), default="auto", show_default=True)
+@click.option("--template", type=click.Choice(["deepseek", "chat", "none"]), default="deepseek", show_default=True,
+              help="How conversations become text (deepseek keeps the thinking).")
+@click.option("--block-rows", default=4096, show_default=True, help="Rows per shard file (unit of writing).")
+@click.option("--chunk-rows", default=512, show_default=True, help="Rows per chunk (unit of reading).")
+@click.option("--compressor", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted harvest of the same configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def harvest(base, target, data, out, layers, max_tokens, seq_len, batch_tokens, keep_frac, seed, skip_sinks,
+            store_y, dtype, device, fmt, template, block_rows, chunk_rows, compressor, resume, as_json) -> None:
+    """Paired MLP activations (x, delta) of a base and a target model into a Zarr store."""
+    import dataclasses
+
+    from tca.cache.harvest import HarvestConfig
+    from tca.cache.harvest import harvest as run_harvest
+    from tca.cache.plan import PlanConfig
+
+    plan = PlanConfig(data=data, format=fmt, template=template, seq_len=seq_len, max_tokens=max_tokens,
+                      keep_frac=keep_frac, seed=seed, skip_sinks=skip_sinks)
+    cfg = HarvestConfig(base=base, target=target, out=out, plan=plan, layers=layers, batch_tokens=batch_tokens,
+                        store_y=store_y, dtype=dtype, device=device, resume=resume, block_rows=block_rows,
+                        chunk_rows=chunk_rows, compressor=compressor)
+    result = run_harvest(cfg)
+    emit(dataclasses.asdict(result), as_json, lambda d: click.echo(
+        f"wrote {d['n_rows']} rows of {d['n_tokens']} tokens to {d['url']} in {d['seconds']:.1f}s"))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and check activation stores."""
+
+
+@cache.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(store: str, as_json: bool) -> None:
+    """Models, layers, rows, tokens, documents, bytes on disk and completeness of STORE."""
+    from tca.cache.verify import info
+
+    def render(d: dict) -> None:
+        models = d["models"] or {}
+        for role in ("base", "target"):
+            click.echo(f"{role:<12}{(models.get(role) or {}).get('id')}")
+        click.echo(f"{'layers':<12}{d['layers']}  d_model={d['d_model']}  dtype={d['dtype']}  arrays={d['arrays']}")
+        click.echo(f"{'rows':<12}{d['rows_committed']} of {d['rows']} committed "
+                   f"({d['blocks_committed']}/{d['blocks']} blocks){'' if d['complete'] else '  INCOMPLETE'}")
+        click.echo(f"{'tokens':<12}{d['tokens']} in {d['docs']} documents")
+        click.echo(f"{'on disk':<12}{d['bytes_on_disk'] / 1e6:.1f} MB  (blocks of {d['block_rows']} rows, "
+                   f"chunks of {d['chunk_rows']}, compressor {d['compressor']})")
+
+    emit(info(store), as_json, render)
+
+
+@cache.command("verify")
+@click.argument("store")
+@click.option("--recompute", default=0, show_default=True, help="Rows to recompute from the models and compare.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampled rows.")
+@click.option("--base", default=None, help="Base model to use instead of the one recorded in the store.")
+@click.option("--target", default=None, help="Target model to use instead of the one recorded in the store.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def cache_verify(ctx, store, recompute, seed, base, target, device, as_json) -> None:
+    """Find missing, truncated or corrupted chunks and row mismatches; exit 1 when any."""
+    import dataclasses
+
+    from tca.cache.verify import VerifyConfig, verify
+
+    report = verify(VerifyConfig(url=store, recompute=recompute, seed=seed, base=base, target=target, device=device))
+
+    def render(d: dict) -> None:
+        for problem in d["problems"]:
+            click.echo(f"FAIL  {problem}")
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in d["max_rel_error"].items())
+        click.echo(f"{'ok' if d['ok'] else 'failed'}: {d['blocks_read']} blocks read, "
+                   f"{d['rows_recomputed']} rows recomputed{f' (max relative error {errors})' if errors else ''}")
+
+    emit(dataclasses.asdict(report) | {"ok": report.ok}, as_json, render)
+    ctx.exit(0 if report.ok else 1)
+
+
+@main.command("index")
+@click.option("--cache", "cache_url", required=True, help="The activation store (path or fsspec URL).")
+@click.option("--adapters", multiple=True, required=True,
+              help="Adapter set directory; NAME=DIR names it (default: the directory's name). Repeatable.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="DuckDB index to create or update.")
+@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
+@click.option("--min-act", default=0.0, show_default=True, help="Keep activations strictly above this value.")
+@click.option("--target", default=None, help="Target model directory for the logit lens (default: the recorded one).")
+@click.option("--batch-rows", default=4096, show_default=True, help="Rows encoded at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def index_cmd(cache_url, adapters, out, layers, min_act, target, batch_rows, as_json) -> None:
+    """Encode every stored row with adapters and index every nonzero activation in DuckDB."""
+    import dataclasses
+    from pathlib import Path
+
+    from tca.query.index import IndexConfig, build_index
+
+    cfg = IndexConfig(cache=cache_url, adapters=list(adapters), out=Path(out), layers=layers, min_act=min_act,
+                      target=target, batch_rows=batch_rows)
+    summary = build_index(cfg)
+    emit(dataclasses.asdict(summary), as_json, lambda d: click.echo(
+        f"indexed {sum(d['written'].values())} activations of {len(d['written'])} adapter layers "
+        f"({d['rows']} rows each, {d['rows_per_s']:.0f} rows/s) into {d['out']}"))
+
+
+@main.command("sql")
+@click.argument("index", type=click.Path(dir_okay=False))
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")
+def sql_cmd(index, query, fmt, out) -> None:
+    """Run one read-only SQL query over INDEX (the macros top_examples, features_on, … are there)."""
+    from pathlib import Path
+
+    from tca.query.sql import SqlConfig, export
+    from tca.query.sql import query as run_query
+
+    cfg = SqlConfig(index=Path(index), sql=query, format=fmt, out=Path(out) if out else None)
+    if cfg.format == "parquet" and cfg.out is None:
+        raise TcaError("--format parquet needs --out FILE.")
+    table = run_query(cfg.index, cfg.sql)
+    if cfg.format == "table" and cfg.out is None:
+        from rich.console import Console
+
+        from tca.query.render import arrow_table
+
+        Console().print(arrow_table(table))
+    elif cfg.out is not None:
+        cfg.out.write_bytes(export(table, "csv" if cfg.format == "table" else cfg.format))
+    else:
+        click.echo(export(table, cfg.format), nl=False)
+
+
+@main.command("top")
+@click.argument("index", type=click.Path(dir_okay=False))
+@click.argument("layer", type=int)
+@click.argument("feature", type=int)
+@click.option("-k", default=20, show_default=True, help="Examples to show.")
+@click.option("--context", default=12, show_default=True, help="Tokens of context either side.")
+@click.option("--adapter", default=None, help="Adapter name (default: the index's only one).")
+def top_cmd(index, layer, feature, k, context, adapter) -> None:
+    """A feature's top examples, highlighted, with its statistics and logit lens."""
+    from tca.query.render import print_feature
+    from tca.query.sql import connect
+    from tca.query.view import feature_view
+
+    con = connect(index)
+    try:
+        view = feature_view(con, layer, feature, adapter, k, context)
+    finally:
+        con.close()
+    print_feature(view)
+
+
+@main.command("report")
+@click.argument("index", type=click.Path(dir_okay=False))
+@click.argument("layer", type=int, required=False)
+@click.argument("feature", type=int, required=False)
+@click.option("-o", "--out", required=True, type=click.Path(), help="The page, or with --all a directory.")
+@click.option("--all", "all_features", is_flag=True, help="A page per live feature (of LAYER if given) + index.html.")
+@click.option("--adapter", default=None, help="Adapter name (default: the index's only one).")
+@click.option("-k", default=20, show_default=True, help="Examples per page.")
+@click.option("--context", default=12, show_default=True, help="Tokens of context either side.")
+def report_cmd(index, layer, feature, out, all_features, adapter, k, context) -> None:
+    """Static HTML feature pages (examples, histogram, region profile, logit lens); no server needed."""
+    from pathlib import Path
+
+    from tca.query.report import ReportConfig, make_report
+
+    page = make_report(ReportConfig(index=Path(index), out=Path(out), layer=layer, feature=feature,
+                                    all_features=all_features, adapter=adapter, k=k, context=context))
+    click.echo(f"wrote {page}")
+
+
+@main.command("train")
+@click.option("--cache", "cache_url", required=True, help="The activation store (path or fsspec URL).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory: adapters, metrics, checkpoint.")
+@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
+@click.option("--features", default=8192, show_default=True, help="Features per adapter.")
+@click.option("--activation", type=click.Choice(["relu", "jumprelu", "topk", "batchtopk"]), default="relu",
+              show_default=True)
+@click.option("--l1", default=None, help="Sparsity coefficient(s), e.g. 0.01 or a sweep 0.003,0.01,0.03 (relu, jumprelu).")
+@click.option("--k", "k_values", default="32", show_default=True, help="Active features per token, or a sweep 16,32 (topk, batchtopk).")
+@click.option("--lr", default=8e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--batch", default=4096, show_default=True, help="Tokens per step.")
+@click.option("--tokens", type=int, default=None, help="Training tokens (default: --epochs passes).")
+@click.option("--epochs", default=1.0, show_default=True, help="Passes over the training rows when --tokens is not given.")
+@click.option("--holdout-frac", default=0.05, show_default=True, help="Fraction of documents held out for evaluation.")
+@click.option("--no-dec-bias", is_flag=True, help="Train without a decoder bias.")
+@click.option("--drop-outliers", type=float, default=None, help="Skip rows with ||x|| above Z times the layer median.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, hold-out split and data order.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, batch, tokens, epochs, holdout_frac,
+              no_dec_bias, drop_outliers, device, seed, resume, as_json) -> None:
+    """Train sparse transcoder adapters offline from an activation store."""
+    from tca.train.trainer import DEFAULT_L1, TrainConfig, parse_list, train
+
+    cfg = TrainConfig(
+        cache=cache_url, out=out, layers=layers, features=features, activation=activation,
+        l1=parse_list(l1, float, "--l1") if l1 else [DEFAULT_L1], k=parse_list(k_values, int, "--k"), lr=lr,
+        batch=batch, tokens=tokens, epochs=epochs, holdout_frac=holdout_frac, dec_bias=not no_dec_bias,
+        drop_outliers=drop_outliers, device=device, seed=seed, resume=resume,
+    )
+    summary = train(cfg)
+
+    def render(d: dict) -> None:
+        for name, member in d["members"].items():
+            for layer, m in member["layers"].items():
+                click.echo(f"{name:<10} layer {layer:>3}  FVE {m['fve']:.3f}  NMSE {m['nmse']:.4f}  "
+                           f"L0 {m['l0']:.1f}  dead {m['dead_frac']:.1%}  -> {member['path']}")
+        click.echo(f"{d['tokens_seen']} tokens; loader mixing {d['loader']['mixing']:.2f} of ideal")
+
+    emit(summary, as_json, render)
+
+
+@main.command("export")
+@click.argument("adapters", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf-reference", "transcoder"]), default="hf-reference",
+              show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--base", default=None, help="Base model directory (hf-reference: its MLP weights).")
+@click.option("--target", default=None, help="Target model directory (hf-reference: backbone, config, tokenizer).")
+def export_cmd(adapters, fmt, out, base, target) -> None:
+    """Write ADAPTERS as the reference implementation's HF checkpoint or per-layer transcoder files."""
+    from tca.train.export import ExportConfig, export
+
+    click.echo(f"wrote {export(ExportConfig(adapters=adapters, out=out, format=fmt, base=base, target=target))}")
+
+
+@main.command("import")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter set directory to write.")
+def import_cmd(checkpoint, out) -> None:
+    """Read the adapters of a reference-layout HF checkpoint into a tca adapter set."""
+    from tca.train.export import import_hf_reference
+
+    aset = import_hf_reference(checkpoint, out)
+    click.echo(f"wrote {out}: layers {aset.layers}, {aset.config.n_features} features")
+
+
+@main.command("plot")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", default="curves.png", show_default=True, type=click.Path(dir_okay=False))
+def plot_cmd(run, out) -> None:
+    """Loss, L0, FVE and dead fraction against tokens for the training run in RUN."""
+    from tca.train.plot import plot
+
+    click.echo(f"wrote {plot(run, out)}")
+
+
 if __name__ == "__main__":
     main()

@@ -16,13 +16,16 @@ one file, and a block becomes visible to readers only once its flag in ``_progre
 after all of its arrays are written.
 
 Zarr v3 has no bfloat16, so bf16 activations are stored as their uint16 bit pattern with
-``"tca_encoding": "bfloat16"`` in the array's attributes; ``decode`` turns them back.
+``"tca_encoding": "bfloat16"`` in the array's attributes; ``decode`` turns them back. Every
+chunk ends in a CRC32C checksum, so a corrupted or truncated chunk fails to read instead of
+returning wrong numbers. docs/store.md describes the format for readers without tca.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +110,18 @@ class StoreSpec:
         return ARRAY_NAMES if self.store_y else ARRAY_NAMES[:2]
 
 
+@dataclass
+class RowBlock:
+    """Consecutive rows ``[start, stop)`` of one layer with the tokens they belong to."""
+
+    start: int
+    stop: int
+    tokens: np.ndarray
+    """Global token index of each row (an index into ``tokens.parquet``)."""
+    arrays: dict[str, torch.Tensor]
+    """``x``, ``delta`` (and ``y``) as ``[stop - start, d_model]`` tensors."""
+
+
 def _split_url(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
@@ -128,12 +143,18 @@ class Store:
                 f"version {FORMAT_VERSION}; harvest it again or use a matching tca release."
             )
         self.spec = StoreSpec(**{f.name: attrs[f.name] for f in dataclasses.fields(StoreSpec)})
+        self._committed: np.ndarray | None = None
 
     # ---- creating and opening -------------------------------------------------------------
 
     @classmethod
     def create(cls, url: str, spec: StoreSpec, storage_options: dict | None = None) -> Store:
-        """Create an empty store with every array at full size; refuses an existing path."""
+        """Create an empty store with every array at full size; refuses an existing path.
+
+        The group's attributes are written first and in one piece, with ``setup_complete``
+        false until the caller has written the row tokens and tables (``mark_setup_complete``),
+        so a creation cut short is recognisable and can be redone.
+        """
         fs, path = _split_url(url, storage_options)
         if fs.exists(path) and fs.ls(path):
             raise TcaError(f"{url} already exists; pass --resume to continue it or choose a new --out.")
@@ -141,7 +162,10 @@ class Store:
             raise TcaError(f"block_rows ({spec.block_rows}) must be a multiple of chunk_rows ({spec.chunk_rows}).")
         storage, encoding = _STORAGE_DTYPES[torch_dtype(spec.dtype)]
         compressors = _compressors(spec.compressor)
-        group = zarr.open_group(url, mode="w-", storage_options=storage_options)
+        meta = dataclasses.asdict(spec) | {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "setup_complete": False,
+        }
+        group = zarr.create_group(url, attributes=meta, storage_options=storage_options or None)
         n = max(spec.n_rows, 1)
         for layer in spec.layers:
             for name in spec.array_names:
@@ -159,12 +183,11 @@ class Store:
             "rows/token", shape=(spec.n_rows,), dtype="int64",
             chunks=(min(spec.block_rows, n),), compressors=_compressors("zstd"), fill_value=-1,
         )
+        # One file per flag, so writers of different blocks never share a file.
         group.create_array(
             "_progress/committed", shape=(spec.n_blocks,), dtype="uint8", chunks=(1,),
             compressors=None, fill_value=0,
         )
-        meta = dataclasses.asdict(spec) | {"format": FORMAT, "format_version": FORMAT_VERSION}
-        group.attrs.update(meta)
         return cls(url, group, storage_options)
 
     @classmethod
@@ -173,7 +196,7 @@ class Store:
         fs, path = _split_url(url, storage_options)
         if not fs.exists(fs.sep.join([path.rstrip(fs.sep), "zarr.json"])):
             raise TcaError(f"{url} is not an activation store (no zarr.json there).")
-        group = zarr.open_group(url, mode=mode, storage_options=storage_options)
+        group = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
         return cls(url, group, storage_options)
 
     # ---- what the store holds ----------------------------------------------------------------
@@ -184,6 +207,30 @@ class Store:
 
     def update_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
+
+    @property
+    def setup_complete(self) -> bool:
+        """True once the row tokens and the token and document tables are written."""
+        return bool(self.group.attrs.get("setup_complete", False))
+
+    def mark_setup_complete(self) -> None:
+        self.update_attrs(setup_complete=True)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return _split_url(self.url, self.storage_options)[0]
+
+    @property
+    def root(self) -> str:
+        """The store's path inside ``fs``."""
+        return _split_url(self.url, self.storage_options)[1].rstrip("/")
+
+    def shard_path(self, layer: int, name: str, block: int) -> str:
+        """Path inside ``fs`` of the file holding one block of one array."""
+        return f"{self.root}/layers/{layer}/{name}/c/{block}/0"
+
+    def bytes_on_disk(self) -> int:
+        return int(self.fs.du(self.root, total=True))
 
     @property
     def layers(self) -> list[int]:
@@ -215,9 +262,40 @@ class Store:
     # ---- reading -----------------------------------------------------------------------------
 
     def read(self, layer: int, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` of one array as a tensor (the model dtype unless ``dtype``)."""
+        """Rows ``[start, stop)`` of one array as a tensor (the model dtype unless ``dtype``).
+
+        Refuses rows of blocks that are not committed yet, so a reader never sees a block
+        that a harvest is still writing.
+        """
         arr = self.array(layer, name)
+        self._require_committed(start, stop)
         return decode(arr[start:stop], arr.attrs["tca_encoding"], dtype)
+
+    def iter_blocks(
+        self,
+        layer: int,
+        names: Sequence[str] = ("x", "delta"),
+        dtype: torch.dtype | None = None,
+        blocks: Sequence[int] | None = None,
+    ) -> Iterator[RowBlock]:
+        """Committed row blocks of one layer in order (or the given ``blocks``), as tensors."""
+        done = self.committed()
+        for block in range(self.spec.n_blocks) if blocks is None else blocks:
+            if not done[block]:
+                continue
+            start, stop = self.block_range(block)
+            yield RowBlock(
+                start=start,
+                stop=stop,
+                tokens=self.row_tokens(start, stop),
+                arrays={name: self.read(layer, name, start, stop, dtype) for name in names},
+            )
+
+    def tokens_of_rows(self, rows: np.ndarray) -> pa.Table:
+        """The token-table entries (token, doc, pos, token_id, piece, region) of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = self.row_tokens()[rows]
+        return self.table("tokens").take(pa.array(tokens))
 
     def row_tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Global token index of rows ``[start, stop)``."""
@@ -225,7 +303,20 @@ class Store:
 
     def committed(self) -> np.ndarray:
         """One bool per block: True once all of its arrays are written."""
-        return self.group["_progress/committed"][:].astype(bool)
+        self._committed = self.group["_progress/committed"][:].astype(bool)
+        return self._committed.copy()
+
+    def _require_committed(self, start: int, stop: int) -> None:
+        if stop <= start:
+            return
+        blocks = slice(start // self.spec.block_rows, (stop - 1) // self.spec.block_rows + 1)
+        # Flags only ever go from 0 to 1, so a cached True stays true; re-read only on a miss.
+        if self._committed is None or not self._committed[blocks].all():
+            if not self.committed()[blocks].all():
+                raise TcaError(
+                    f"rows {start}:{stop} of {self.url} are not all committed yet; the harvest "
+                    "is unfinished (resume it with --resume) or still running."
+                )
 
     @property
     def complete(self) -> bool:
@@ -277,9 +368,12 @@ class Store:
         fs.mv(tmp, final)
 
 
-def _compressors(name: str):
-    if name == "none":
-        return None
-    if name == "zstd":
-        return zarr.codecs.ZstdCodec(level=1)
-    raise TcaError(f"unknown compressor {name!r}; use 'none' or 'zstd'.")
+COMPRESSORS = ("none", "zstd")
+
+
+def _compressors(name: str) -> list:
+    """The chunk codecs after serialisation: optional zstd, then always a CRC32C checksum."""
+    if name not in COMPRESSORS:
+        raise TcaError(f"unknown compressor {name!r}; use one of {list(COMPRESSORS)}.")
+    codecs = [zarr.codecs.ZstdCodec(level=1)] if name == "zstd" else []
+    return codecs + [zarr.codecs.Crc32cCodec()]

@@ -1,0 +1,145 @@
+"""Harvest benchmark: overhead over the unavoidable compute, bytes per row, store I/O vs numpy.
+
+    python bench/harvest.py                 # the demo pair in examples/toy-pair
+    python bench/harvest.py --tiny          # a random pair built on the spot (no demo pair needed)
+
+Prints JSON lines, each a ratio measured side by side in one run:
+
+- ``harvest_overhead``: wall time of a whole harvest (plan, model loading, forward passes,
+  writing) ÷ the unavoidable compute over the same tokens done back to back in memory
+  (the target forward up to the last selected layer plus both MLPs on the captured x, in the
+  harvest's own batches), timed before and after the harvest and averaged;
+- ``bytes_per_row``: bytes on disk of the layer arrays per stored row per layer ÷ (2·d·itemsize);
+- ``store_io``: write and read MB/s of each chunk layout (and compressor) ÷ plain sequential
+  numpy I/O of the same bytes (``tofile``/``fromfile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
+from tca.cache.harvest import HarvestConfig, batch_inputs, harvest, plan_batches
+from tca.cache.models import find_model, live_mlps, load_base_mlps, load_model, load_tokenizer, parse_layers, resolve_dtype
+from tca.cache.plan import PlanConfig, build_plan
+from tca.cache.store import Store, StoreSpec
+from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "toy-pair"
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def compute_only(cfg: HarvestConfig) -> float:
+    """Seconds of the forward passes and MLPs of a harvest, with everything already in memory."""
+    target_src, base_src = find_model(cfg.target), find_model(cfg.base)
+    layers = parse_layers(cfg.layers, target_src.n_layers)
+    tokenizer = load_tokenizer(target_src)
+    plan = build_plan(cfg.plan, tokenizer)
+    model = load_model(target_src, resolve_dtype(cfg.dtype, target_src), torch.device("cpu"))
+    mlps = PairedMlps(load_base_mlps(base_src, layers), live_mlps(model, layers, target_src.config["hidden_act"]))
+    batches = [batch_inputs(plan, b, 0) for b in plan_batches(plan, cfg.batch_tokens) if b.row1 > b.row0]
+    t0 = time.perf_counter()
+    for ids, mask, select in batches:
+        rows_from_inputs(mlp_inputs(model, layers, ids, mask), select, mlps, cfg.store_y)
+    return time.perf_counter() - t0
+
+
+def bench_overhead(base: Path, target: Path, data: Path, work: Path, args) -> None:
+    plan = PlanConfig(data=str(data), max_tokens=args.max_tokens, seq_len=args.seq_len)
+    cfg = HarvestConfig(base=str(base), target=str(target), out=str(work / "store"), plan=plan,
+                        layers=args.layers, batch_tokens=args.batch_tokens, device="cpu")
+    before = compute_only(cfg)
+    result = harvest(cfg)
+    after = compute_only(cfg)
+    compute = (before + after) / 2
+    emit(figure="harvest_overhead", ratio=round(result.seconds / compute, 3), harvest_s=round(result.seconds, 3),
+         compute_s=round(compute, 3), compute_s_before=round(before, 3), compute_s_after=round(after, 3),
+         tokens=result.n_tokens, rows=result.n_rows, layers=args.layers)
+    store = Store.open(cfg.out)
+    itemsize = torch.empty(0, dtype=store.dtype).element_size()
+    layer_bytes = store.fs.du(f"{store.root}/layers", total=True)
+    per_row_layer = layer_bytes / store.n_rows / len(store.layers)
+    emit(figure="bytes_per_row", ratio=round(per_row_layer / (2 * store.d_model * itemsize), 4),
+         bytes_per_row_per_layer=round(per_row_layer, 1), d_model=store.d_model, dtype=store.spec.dtype,
+         block_rows=store.spec.block_rows, chunk_rows=store.spec.chunk_rows)
+
+
+def bench_io(work: Path, args) -> None:
+    """Write then read ``args.io_mb`` of random bf16 rows per layout, against numpy on the same bytes."""
+    d = args.io_d
+    n_rows = int(args.io_mb * 1e6 / (2 * d * 2)) // args.block_rows * args.block_rows
+    values = torch.randn(n_rows, d).to(torch.bfloat16)
+    nbytes = 2 * values.numel() * 2  # x and delta
+    raw = values.view(torch.int16).numpy()
+    t0 = time.perf_counter()
+    for i in range(2):
+        raw.tofile(work / f"np{i}.bin")
+    np_write = nbytes / (time.perf_counter() - t0) / 1e6
+    t0 = time.perf_counter()
+    for i in range(2):
+        np.fromfile(work / f"np{i}.bin", dtype=np.int16)
+    np_read = nbytes / (time.perf_counter() - t0) / 1e6
+    for chunk_rows in args.chunk_rows:
+        for compressor in ("none", "zstd"):
+            url = str(work / f"io-{chunk_rows}-{compressor}")
+            spec = StoreSpec(layers=[0], d_model=d, dtype="bfloat16", n_rows=n_rows, block_rows=args.block_rows,
+                             chunk_rows=chunk_rows, compressor=compressor)
+            store = Store.create(url, spec)
+            t0 = time.perf_counter()
+            for b in range(spec.n_blocks):
+                start, stop = store.block_range(b)
+                store.write_block(b, {0: {"x": values[start:stop], "delta": values[start:stop]}})
+            write = nbytes / (time.perf_counter() - t0) / 1e6
+            t0 = time.perf_counter()
+            for block in store.iter_blocks(0):
+                pass
+            read = nbytes / (time.perf_counter() - t0) / 1e6
+            size = store.fs.du(f"{store.root}/layers", total=True)
+            emit(figure="store_io", chunk_rows=chunk_rows, block_rows=args.block_rows, compressor=compressor,
+                 write_ratio=round(write / np_write, 3), read_ratio=round(read / np_read, 3),
+                 write_MBps=round(write), read_MBps=round(read), numpy_write_MBps=round(np_write),
+                 numpy_read_MBps=round(np_read), bytes_ratio=round(size / nbytes, 4), MB=round(nbytes / 1e6))
+            shutil.rmtree(url)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", type=Path, default=DEMO, help="Demo pair folder (base/, reasoning/, data/).")
+    p.add_argument("--tiny", action="store_true", help="Use a random pair built on the spot instead.")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--max-tokens", type=int, default=20000)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--io-mb", type=float, default=128, help="MB of rows written per layout.")
+    p.add_argument("--io-d", type=int, default=3584, help="Row width of the I/O benchmark (7B: 3584).")
+    p.add_argument("--block-rows", type=int, default=4096)
+    p.add_argument("--chunk-rows", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        if args.tiny or not (args.pair / "reasoning").exists():
+            if not args.tiny:
+                raise SystemExit(f"no demo pair at {args.pair}; build it (tca build-pair) or pass --tiny")
+            base, target = build_tiny_pair(work / "pair", hidden_size=256, intermediate_size=768, num_layers=4)
+            data = write_jsonl(tiny_conversations(600), work / "data.jsonl")
+        else:
+            base, target, data = args.pair / "base", args.pair / "reasoning", args.pair / "data" / "train.jsonl"
+        emit(figure="setup", pair="tiny" if args.tiny else str(args.pair), threads=torch.get_num_threads())
+        bench_overhead(base, target, data, work, args)
+        bench_io(work, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The harvester: paired MLP activations of a base and a target model into an activation store.
+
+    plan (tokens, rows)  ->  batches of whole documents  ->  one target forward per batch
+    ->  x, delta (, y) of the selected layers  ->  block buffers  ->  writer threads  ->  store
+
+Documents are packed into batches by a padded-token budget, one document per batch row,
+right-padded, with an attention mask: no token attends across documents or to padding and
+positions count from each document's start, so every value is what the model computes for
+the document alone. Padding never becomes a row.
+
+Resuming recomputes the same batches (they follow from the plan and ``batch_tokens``) and
+skips those whose rows all lie in committed blocks, so a resumed store is identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tca import TcaError
+from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
+from tca.cache.models import (
+    check_mlp_shapes,
+    check_pair,
+    find_model,
+    live_mlps,
+    load_base_mlps,
+    load_model,
+    load_tokenizer,
+    parse_layers,
+    resolve_dtype,
+)
+from tca.cache.plan import Plan, PlanConfig, build_plan
+from tca.cache.store import Store, StoreSpec
+from tca.cache.writer import BlockWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HarvestConfig:
+    """``tca harvest``: which models, data, layers and store layout."""
+
+    base: str
+    """Base model: a Hugging Face id or a local directory. Only its selected MLP tensors are read."""
+    target: str
+    """Target (fine-tuned) model: the only model that runs; its tokenizer tokenizes the data."""
+    out: str
+    """The store to write: a local path or an fsspec URL."""
+    plan: PlanConfig
+    """Data, template, sequence length and which tokens become rows."""
+    layers: str = "all"
+    """Layers to harvest: ``all`` or a list like ``0,3,5-7``."""
+    batch_tokens: int = 8192
+    """Token budget of one forward pass, padding included; a longer document runs alone."""
+    store_y: bool = False
+    """Also store ``y = MLP_target(x)``."""
+    dtype: str = "auto"
+    """Dtype the target runs and the store keeps: ``auto`` (the target's own), ``bfloat16``,
+    ``float16`` or ``float32``."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    resume: bool = False
+    """Continue an interrupted harvest of the same configuration into ``out``."""
+    block_rows: int = 4096
+    """Rows per shard file (unit of writing and committing); see docs/store.md for the benchmark."""
+    chunk_rows: int = 512
+    """Rows per chunk inside a shard (unit of reading)."""
+    compressor: str = "none"
+    """``none`` or ``zstd``: activations compress by a few percent only (bench/harvest.py)."""
+    writers: int = 2
+    """Writer threads."""
+    queue_blocks: int = 4
+    """Finished blocks that may wait for a writer before the forward pass waits."""
+    base_revision: str | None = None
+    """Hub revision of the base model."""
+    target_revision: str | None = None
+    """Hub revision of the target model."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options of ``out`` (credentials, endpoint)."""
+
+    def identity(self) -> dict:
+        """What decides the stored values: a resume must agree on all of it."""
+        settings = dataclasses.asdict(self)
+        for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options"):
+            settings.pop(transient)
+        return settings
+
+
+@dataclass
+class Batch:
+    """Documents ``[doc0, doc1)`` of the plan, whose rows are ``[row0, row1)``."""
+
+    doc0: int
+    doc1: int
+    row0: int
+    row1: int
+
+
+@dataclass
+class HarvestResult:
+    url: str
+    n_tokens: int
+    n_rows: int
+    blocks_written: int
+    seconds: float
+
+
+def plan_batches(plan: Plan, batch_tokens: int) -> list[Batch]:
+    """Consecutive documents while (documents × longest) stays within ``batch_tokens``."""
+    lengths = np.diff(plan.doc_start)
+    row_of_doc = np.searchsorted(plan.row_tokens, plan.doc_start)
+    batches, d0, longest = [], 0, 0
+    for d, n in enumerate(lengths):
+        if d > d0 and (d - d0 + 1) * max(longest, n) > batch_tokens:
+            batches.append(Batch(d0, d, int(row_of_doc[d0]), int(row_of_doc[d])))
+            d0, longest = d, 0
+        longest = max(longest, int(n))
+    batches.append(Batch(d0, len(lengths), int(row_of_doc[d0]), int(row_of_doc[-1])))
+    return batches
+
+
+def batch_inputs(plan: Plan, batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids, the attention mask, and the flat positions of the batch's rows."""
+    starts, stops = plan.doc_start[batch.doc0 : batch.doc1], plan.doc_start[batch.doc0 + 1 : batch.doc1 + 1]
+    width = int((stops - starts).max())
+    ids = np.full((len(starts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(starts), width), dtype=np.int64)
+    for i, (a, b) in enumerate(zip(starts, stops)):
+        ids[i, : b - a] = plan.token_ids[a:b]
+        mask[i, : b - a] = 1
+    tokens = plan.row_tokens[batch.row0 : batch.row1]
+    select = (plan.doc_of_token[tokens] - batch.doc0) * width + plan.positions[tokens]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(select)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TcaError("--device cuda was asked for, but no CUDA device is available.")
+    return torch.device(name)
+
+
+def harvest(cfg: HarvestConfig) -> HarvestResult:
+    """Run a harvest (or resume one) and return what it wrote."""
+    try:
+        return _harvest(cfg)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise TcaError(
+                f"the disk holding {cfg.out} is full; committed blocks are intact, so free space "
+                "and run the same command again with --resume."
+            ) from None
+        raise
+
+
+def _harvest(cfg: HarvestConfig) -> HarvestResult:
+    t0 = time.perf_counter()
+    base_src = find_model(cfg.base, cfg.base_revision)
+    target_src = find_model(cfg.target, cfg.target_revision)
+    check_pair(base_src, target_src)
+    layers = parse_layers(cfg.layers, target_src.n_layers)
+    if cfg.batch_tokens < 1:
+        raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
+    dtype = resolve_dtype(cfg.dtype, target_src)
+    device = _device(cfg.device)
+    existing = _existing_store(cfg) if cfg.resume else None
+    if not cfg.resume:
+        _refuse_existing(cfg)
+
+    tokenizer = load_tokenizer(target_src)
+    plan = build_plan(cfg.plan, tokenizer)
+    model = load_model(target_src, dtype, device)
+    act = target_src.config.get("hidden_act", "silu")
+    mlps = PairedMlps(
+        base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
+        target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
+    )
+    check_mlp_shapes(mlps.base, mlps.target)
+
+    identity = cfg.identity() | {"dtype": str(dtype).removeprefix("torch."), "layers": layers}
+    attrs = {
+        "models": {"base": base_src.provenance(), "target": target_src.provenance()},
+        "harvest": identity,
+        "dataset_fingerprint": plan.fingerprint,
+        "n_tokens": plan.n_tokens,
+        "n_docs": plan.n_docs,
+    }
+    spec = StoreSpec(
+        layers=layers, d_model=target_src.d_model, dtype=identity["dtype"], n_rows=len(plan.row_tokens),
+        block_rows=cfg.block_rows, chunk_rows=cfg.chunk_rows, store_y=cfg.store_y, compressor=cfg.compressor,
+        attrs=attrs,
+    )
+    store = _prepare_store(cfg, existing, spec, plan)
+
+    done = store.committed()
+    batches = [b for b in plan_batches(plan, cfg.batch_tokens) if _needed(b, store, done)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    writer = BlockWriter(store, done, cfg.writers, cfg.queue_blocks)
+    n_run = sum(int(plan.doc_start[b.doc1] - plan.doc_start[b.doc0]) for b in batches)
+    log.info("harvesting %d of %d blocks: %d batches, %d tokens, layers %s on %s",
+             int((~done).sum()), len(done), len(batches), n_run, layers, device)
+    bar = tqdm(total=n_run, unit="tok", unit_scale=True, desc="harvest", dynamic_ncols=True, disable=None)
+    try:
+        for batch in batches:
+            ids, mask, select = batch_inputs(plan, batch, pad_id)
+            inputs = mlp_inputs(model, layers, ids.to(device), mask.to(device))
+            writer.add(batch.row0, rows_from_inputs(inputs, select.to(device), mlps, cfg.store_y))
+            bar.update(int(mask.sum()))
+            bar.set_postfix(rows=writer.rows_written, MB=f"{writer.bytes_written / 1e6:.0f}", refresh=False)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    store.update_attrs(complete=store.complete)
+    seconds = time.perf_counter() - t0
+    return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int((~done).sum()), seconds)
+
+
+def _needed(batch: Batch, store: Store, done: np.ndarray) -> bool:
+    if batch.row1 == batch.row0:
+        return False
+    blocks = range(batch.row0 // store.spec.block_rows, (batch.row1 - 1) // store.spec.block_rows + 1)
+    return not all(done[b] for b in blocks)
+
+
+def _refuse_existing(cfg: HarvestConfig) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(cfg.out, **cfg.storage_options)
+    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        raise TcaError(f"{cfg.out} already exists; pass --resume to continue it or choose a new --out.")
+
+
+def _existing_store(cfg: HarvestConfig) -> Store | None:
+    """The store to resume, or None when nothing was written yet."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(cfg.out, **cfg.storage_options)
+    if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+        return None
+    return Store.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
+
+
+def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, plan: Plan) -> Store:
+    if existing is not None and existing.setup_complete:
+        _check_resumable(existing, spec)
+        log.info("resuming %s: %d of %d blocks committed", cfg.out, int(existing.committed().sum()), spec.n_blocks)
+        return existing
+    if existing is not None:
+        # Killed while creating: nothing was committed, so start the store again.
+        log.info("%s was cut short while being created; creating it again", cfg.out)
+        existing.fs.rm(existing.root, recursive=True)
+    store = Store.create(cfg.out, spec, cfg.storage_options)
+    store.write_row_tokens(plan.row_tokens)
+    store.write_table("tokens", plan.tokens_table())
+    store.write_table("docs", plan.docs_table())
+    store.mark_setup_complete()
+    return store
+
+
+def _check_resumable(store: Store, spec: StoreSpec) -> None:
+    """Refuse, saying what differs, to resume a store written with another configuration."""
+    old = store.spec
+    theirs, ours = old.attrs.get("harvest", {}), spec.attrs["harvest"]
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) != ours.get(key):
+            raise TcaError(
+                f"cannot resume {store.url}: it was harvested with {key}={theirs.get(key)!r}, "
+                f"this run has {key}={ours.get(key)!r}."
+            )
+    for role in ("base", "target"):
+        a, b = old.attrs["models"][role]["config_hash"], spec.attrs["models"][role]["config_hash"]
+        if a != b:
+            raise TcaError(f"cannot resume {store.url}: the {role} model's config differs from the one it was harvested with.")
+    if old.attrs.get("dataset_fingerprint") != spec.attrs["dataset_fingerprint"]:
+        raise TcaError(f"cannot resume {store.url}: the data now gives different tokens or rows than when it was harvested.")

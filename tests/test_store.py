@@ -1,0 +1,101 @@
+"""The store format on its own: encodings, commit visibility and the reader API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from tca import TcaError
+from tca.cache.store import Store, StoreSpec
+
+
+def make_store(path, dtype="bfloat16", n_rows=100, block_rows=32, chunk_rows=16, compressor="none") -> Store:
+    spec = StoreSpec(layers=[1, 3], d_model=8, dtype=dtype, n_rows=n_rows, block_rows=block_rows,
+                     chunk_rows=chunk_rows, compressor=compressor)
+    store = Store.create(str(path), spec)
+    store.write_row_tokens(np.arange(n_rows) * 2)
+    store.write_table("tokens", pa.table({"token": np.arange(2 * n_rows), "doc": np.arange(2 * n_rows) // 10}))
+    store.mark_setup_complete()
+    return store
+
+
+def block_values(store: Store, block: int, seed: int) -> dict:
+    start, stop = store.block_range(block)
+    g = torch.Generator().manual_seed(seed + block)
+    return {
+        layer: {name: (torch.randn(stop - start, store.d_model, generator=g) * 100).to(store.dtype)
+                for name in store.spec.array_names}
+        for layer in store.layers
+    }
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_values_round_trip_bit_exactly(tmp_path, dtype, compressor):
+    store = make_store(tmp_path / "s", dtype, compressor=compressor)
+    written = {b: block_values(store, b, 0) for b in range(store.spec.n_blocks)}
+    for b, values in written.items():
+        store.write_block(b, values)
+    again = Store.open(str(tmp_path / "s"))
+    for b, values in written.items():
+        start, stop = again.block_range(b)
+        for layer in again.layers:
+            got = again.read(layer, "delta", start, stop)
+            want = values[layer]["delta"]
+            assert got.dtype == want.dtype
+            assert torch.equal(got.view(torch.int16 if got.element_size() == 2 else torch.int32),
+                               want.view(torch.int16 if want.element_size() == 2 else torch.int32))
+            assert torch.equal(again.read(layer, "x", start, stop, torch.float32), values[layer]["x"].float())
+    dask = again.dask_array(3, "x").compute()
+    assert np.array_equal(dask, again.read(3, "x", 0, again.n_rows, torch.float32).numpy())
+
+
+def test_bf16_is_stored_as_its_bit_pattern(tmp_path):
+    store = make_store(tmp_path / "s", "bfloat16", n_rows=32)
+    values = block_values(store, 0, 1)
+    store.write_block(0, values)
+    meta = json.loads((tmp_path / "s" / "layers" / "1" / "x" / "zarr.json").read_text())
+    assert meta["data_type"] == "uint16" and meta["attributes"]["tca_encoding"] == "bfloat16"
+    raw = store.array(1, "x")[:]
+    expected = values[1]["x"].float().numpy().view(np.uint32) >> 16  # bf16 = top half of float32
+    assert np.array_equal(raw, expected.astype(np.uint16))
+
+
+def test_uncommitted_rows_are_not_readable(tmp_path):
+    store = make_store(tmp_path / "s")
+    store.write_block(1, block_values(store, 1, 0))
+    reader = Store.open(str(tmp_path / "s"))
+    assert reader.committed().tolist() == [False, True, False, False]
+    reader.read(1, "x", 32, 64)
+    with pytest.raises(TcaError, match="not all committed"):
+        reader.read(1, "x", 30, 40)
+    blocks = list(reader.iter_blocks(3, dtype=torch.float32))
+    assert [(b.start, b.stop) for b in blocks] == [(32, 64)]
+    assert np.array_equal(blocks[0].tokens, np.arange(32, 64) * 2)
+    store.write_block(0, block_values(store, 0, 0))
+    reader.read(1, "x", 30, 40)  # a block committed after opening becomes readable
+
+
+def test_tokens_of_rows(tmp_path):
+    store = make_store(tmp_path / "s")
+    table = store.tokens_of_rows(np.array([0, 5, 99]))
+    assert table.column("token").to_pylist() == [0, 10, 198]
+    assert table.column("doc").to_pylist() == [0, 1, 19]
+
+
+def test_refuses_existing_path_and_other_versions(tmp_path):
+    make_store(tmp_path / "s")
+    with pytest.raises(TcaError, match="already exists"):
+        make_store(tmp_path / "s")
+    meta_path = tmp_path / "s" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TcaError, match="format version 99"):
+        Store.open(str(tmp_path / "s"))
+    with pytest.raises(TcaError, match="not an activation store"):
+        Store.open(str(tmp_path / "nothing"))
