@@ -1,0 +1,341 @@
+"""Building the index: run adapters over every stored row and keep every nonzero activation.
+
+No language model runs: the store already holds each row's MLP input ``x``, so indexing is
+one encoder GEMM per row block. Layers are read once and feed every adapter of that layer.
+
+Each (adapter, layer) is written in one transaction that first deletes what the index held
+for it, so re-indexing replaces a layer atomically: a failure (or a kill) at any point leaves
+the previous activations, statistics and metadata in place. Activations are inserted sorted
+by (feature, value desc), so one feature's rows are contiguous and DuckDB's per-row-group
+min/max skip everything else when a query asks for one feature.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from tca import TcaError
+from tca.cache.models import parse_layers
+from tca.cache.store import Store
+from tca.query import schema
+from tca.query.lens import LogitLens
+from tca.train.checkpoint import load_adapters as load_adapter_set
+from tca.train.checkpoint import store_models
+
+log = logging.getLogger(__name__)
+
+_TOKEN_COLUMNS = {"token": pa.int64(), "doc": pa.int64(), "pos": pa.int32(), "token_id": pa.int32(),
+                  "piece": pa.string(), "region": pa.string()}
+
+
+@dataclass
+class IndexAdapter:
+    """One layer's adapter as the index sees it: a name, an encoder and decoder directions."""
+
+    name: str
+    """How queries name it (``adapter := '…'``); several adapters can share an index."""
+    layer: int
+    encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    """[B, d] float32 -> dense activations [B, F], or (indices, values) [B, k] for sparse encoders."""
+    W_dec: torch.Tensor
+    """[F, d] decoder directions (a feature's direction is a row)."""
+    activation: str = ""
+    path: str = ""
+    models: dict[str, Any] | None = None
+    """Base/target provenance, used to find the target model for the logit lens."""
+
+    @property
+    def n_features(self) -> int:
+        return self.W_dec.shape[0]
+
+
+def load_adapters(path: str | Path, name: str | None = None) -> list[IndexAdapter]:
+    """Every layer's adapter of one adapter set written by the trainer (named after its directory)."""
+    aset = load_adapter_set(path)
+    name = name or Path(path).resolve().name
+    return [
+        IndexAdapter(name, layer, ad.encode, ad.W_dec.detach(), aset.config.activation, str(path), aset.models)
+        for layer, ad in sorted(aset.adapters.items())
+    ]
+
+
+@dataclass
+class IndexConfig:
+    """``tca index``: encode a store with adapters and write a DuckDB index."""
+
+    cache: str
+    """The activation store (path or fsspec URL)."""
+    adapters: list[str]
+    """Adapter set directories; ``NAME=DIR`` names one, else it is named after its directory."""
+    out: Path
+    """The DuckDB file, created or updated in place (other adapters and layers stay)."""
+    layers: str = "all"
+    """``all`` (every layer the adapters cover) or a list like ``0,3,5-7``."""
+    min_act: float = 0.0
+    """Keep activations strictly above this value; 0 keeps every nonzero one."""
+    target: str | None = None
+    """Target model directory for the logit lens (default: the one the store or adapters record)."""
+    batch_rows: int = 4096
+    """Rows encoded at once."""
+    n_logits: int = 10
+    """Tokens kept per feature in ``top_logits`` and ``bottom_logits``."""
+
+
+@dataclass
+class IndexSummary:
+    out: str
+    rows: int
+    """Stored rows encoded per layer."""
+    written: dict[str, int] = field(default_factory=dict)
+    """Activations written per ``adapter/layer``."""
+    seconds: float = 0.0
+    rows_per_s: float = 0.0
+
+
+def build_index(cfg: IndexConfig) -> IndexSummary:
+    """Load the store and adapters named by ``cfg`` and index them."""
+    store = Store.open(cfg.cache)
+    adapters: list[IndexAdapter] = []
+    for spec in cfg.adapters:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        adapters += load_adapters(path, name or None)
+    if cfg.layers != "all":
+        layers = parse_layers(cfg.layers, max(store.layers) + 1)
+        missing = sorted(set(layers) - {a.layer for a in adapters})
+        if missing:
+            raise TcaError(f"the adapters have no layer {missing[0]}; they cover {sorted({a.layer for a in adapters})}.")
+        adapters = [a for a in adapters if a.layer in layers]
+    lens_dir = cfg.target or _recorded_target(store, adapters)
+    lens = LogitLens.from_pretrained(lens_dir) if lens_dir else None
+    if lens is None:
+        log.warning("no target model found for the logit lens; pass --target to fill top_logits/bottom_logits")
+    return index_adapters(store, adapters, cfg.out, min_act=cfg.min_act, lens=lens,
+                          batch_rows=cfg.batch_rows, n_logits=cfg.n_logits)
+
+
+def index_adapters(
+    store: Store,
+    adapters: Sequence[IndexAdapter],
+    out: str | Path,
+    *,
+    min_act: float = 0.0,
+    lens: LogitLens | None = None,
+    batch_rows: int = 4096,
+    n_logits: int = 10,
+) -> IndexSummary:
+    """Write (or replace) every given adapter's layer in the index at ``out``."""
+    _check(store, adapters)
+    rows = _committed_rows(store)
+    if not len(rows):
+        raise TcaError(f"{store.url} has no committed rows yet; index it after (part of) the harvest is done.")
+    if len(rows) < store.n_rows:
+        log.warning("indexing the %d committed rows of %d; the rest of the store is not harvested yet",
+                    len(rows), store.n_rows)
+    row_tokens = store.row_tokens()
+    layers = sorted({a.layer for a in adapters})
+    summary = IndexSummary(str(out), len(rows))
+    con = duckdb.connect(str(out))
+    con.execute("SET enable_progress_bar = false")  # stdout is for results; tqdm reports on stderr
+    try:
+        _in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
+        start = time.perf_counter()
+        with tqdm(total=len(rows) * len(layers), unit="row", unit_scale=True, desc="index", dynamic_ncols=True) as bar:
+            for layer in layers:
+                mine = [a for a in adapters if a.layer == layer]
+                stages = [f"stage_{i}" for i in range(len(mine))]
+                for stage in stages:
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {stage} (feature INTEGER, token BIGINT, value FLOAT)")
+                try:
+                    for lo, hi in _runs(rows, batch_rows):
+                        x = store.read(layer, "x", lo, hi, torch.float32)
+                        for adapter, stage in zip(mine, stages):
+                            _append(con, stage, _nonzeros(adapter, x, row_tokens[lo:hi], min_act))
+                        bar.update(hi - lo)
+                    for adapter, stage in zip(mine, stages):
+                        stats_extra = _decoder_table(adapter, lens, n_logits)
+                        _in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
+                        summary.written[f"{adapter.name}/{layer}"] = con.sql(
+                            "SELECT count(*) FROM activations WHERE adapter = ? AND layer = ?", params=[adapter.name, layer]
+                        ).fetchall()[0][0]
+                finally:
+                    for stage in stages:
+                        con.execute(f"DROP TABLE IF EXISTS {stage}")
+        summary.seconds = time.perf_counter() - start
+        summary.rows_per_s = len(rows) * len(layers) / max(summary.seconds, 1e-9)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return summary
+
+
+def _check(store: Store, adapters: Sequence[IndexAdapter]) -> None:
+    if not adapters:
+        raise TcaError("no adapters to index.")
+    seen = set()
+    for a in adapters:
+        if a.layer not in store.layers:
+            raise TcaError(f"adapter {a.name} has layer {a.layer}, which {store.url} does not hold (it has {store.layers}).")
+        if a.W_dec.shape[1] != store.d_model:
+            raise TcaError(
+                f"adapter {a.name} (layer {a.layer}) has width {a.W_dec.shape[1]} but {store.url} has "
+                f"d_model {store.d_model}; it was trained on another model."
+            )
+        if (a.name, a.layer) in seen:
+            raise TcaError(f"two adapters are named {a.name} on layer {a.layer}; name them apart with NAME=DIR.")
+        seen.add((a.name, a.layer))
+
+
+def _committed_rows(store: Store) -> np.ndarray:
+    """Indices of the rows in committed blocks, ascending."""
+    blocks = np.flatnonzero(store.committed())
+    if not len(blocks):
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(*store.block_range(b)) for b in blocks])
+
+
+def _runs(rows: np.ndarray, batch: int):
+    """Contiguous [lo, hi) ranges of at most ``batch`` rows covering ``rows``."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, breaks):
+        for lo in range(int(run[0]), int(run[-1]) + 1, batch):
+            yield lo, min(lo + batch, int(run[-1]) + 1)
+
+
+@torch.no_grad()
+def _nonzeros(adapter: IndexAdapter, x: torch.Tensor, tokens: np.ndarray, min_act: float) -> pa.Table:
+    """The (feature, token, value) of every activation above ``min_act`` in one batch."""
+    acts = adapter.encode(x)
+    if isinstance(acts, tuple):
+        indices, values = acts
+        keep = values > min_act
+        row = keep.nonzero(as_tuple=True)[0]
+        feature, value = indices[keep], values[keep]
+    else:
+        row, feature = (acts > min_act).nonzero(as_tuple=True)
+        value = acts[row, feature]
+    return pa.table({
+        "feature": pa.array(feature.to(torch.int32).numpy()),
+        "token": pa.array(tokens[row.numpy()]),
+        "value": pa.array(value.float().numpy()),
+    })
+
+
+def _append(con: duckdb.DuckDBPyConnection, stage: str, batch: pa.Table) -> None:
+    con.register("_batch", batch)
+    try:
+        con.execute(f"INSERT INTO {stage} SELECT * FROM _batch")
+    finally:
+        con.unregister("_batch")
+
+
+def _decoder_table(adapter: IndexAdapter, lens: LogitLens | None, n_logits: int) -> pa.Table:
+    """Per-feature columns that come from the decoder: its norm and the logit lens."""
+    W = adapter.W_dec.detach().float().cpu()
+    top, bottom = lens.top_bottom(W, n_logits) if lens is not None else ([None] * len(W),) * 2
+    return pa.table({
+        "feature": pa.array(np.arange(len(W), dtype=np.int32)),
+        "decoder_norm": pa.array(W.norm(dim=1).numpy()),
+        "top_logits": pa.array(top, pa.list_(pa.string())),
+        "bottom_logits": pa.array(bottom, pa.list_(pa.string())),
+    })
+
+
+def _replace(con, adapter: IndexAdapter, stage: str, decoder: pa.Table, n_rows: int, min_act: float, store_url: str) -> None:
+    """Swap one (adapter, layer) for the staged activations; the caller holds the transaction."""
+    key = [adapter.name, adapter.layer]
+    for table in ("activations", "features", "adapters"):
+        con.execute(f"DELETE FROM {table} WHERE adapter = ? AND layer = ?", key)
+    con.execute(
+        f"INSERT INTO activations SELECT ?, ?, feature, token, value FROM {stage} ORDER BY feature, value DESC, token",
+        key,
+    )
+    con.register("_decoder", decoder)
+    try:
+        con.execute(
+            f"""
+            INSERT INTO features
+            SELECT ?, ?, d.feature, coalesce(s.n_active, 0), coalesce(s.n_active, 0) / ?::DOUBLE,
+                   s.max, s.mean, s.quantiles, d.decoder_norm, d.top_logits, d.bottom_logits
+            FROM _decoder d LEFT JOIN (
+                SELECT feature, count(*) AS n_active, max(value) AS max, avg(value) AS mean,
+                       quantile_cont(value, {list(schema.QUANTILES)}) AS quantiles
+                FROM {stage} GROUP BY feature
+            ) s ON s.feature = d.feature
+            ORDER BY d.feature
+            """,
+            [*key, n_rows],
+        )
+    finally:
+        con.unregister("_decoder")
+    con.execute(
+        "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, current_localtimestamp())",
+        [*key, adapter.path, adapter.activation, adapter.W_dec.shape[1], adapter.n_features, n_rows, min_act, store_url],
+    )
+    schema.install(con)  # the macros' default adapter follows the adapters the index now holds
+
+
+def _write_tables(con, store: Store, rows: np.ndarray, row_tokens: np.ndarray) -> None:
+    """(Re)write ``tokens`` and ``docs`` from the store; refuses an index of another store."""
+    schema.install(con)
+    tokens = store.table("tokens")
+    missing = [c for c in _TOKEN_COLUMNS if c not in tokens.column_names and c != "region"]
+    if missing:
+        raise TcaError(f"{store.url}/tokens.parquet lacks the column(s) {', '.join(missing)}.")
+    held = con.sql("SELECT value FROM index_meta WHERE key = 'store_tokens'").fetchall()
+    if held and int(held[0][0]) != tokens.num_rows:
+        raise TcaError(
+            f"the index was built over a store of {held[0][0]} tokens and {store.url} has {tokens.num_rows}; "
+            "write this store's index to a new --out file."
+        )
+    cols = {c: tokens[c].cast(t) if c in tokens.column_names else pa.nulls(tokens.num_rows, t)
+            for c, t in _TOKEN_COLUMNS.items()}
+    stored = pa.table({"token": pa.array(row_tokens[rows]), "stored_row": pa.array(rows.astype(np.int64))})
+    con.register("_tokens", pa.table(cols))
+    con.register("_stored", stored)
+    con.register("_docs", store.table("docs"))
+    try:
+        con.execute("DELETE FROM tokens")
+        con.execute("""
+            INSERT INTO tokens SELECT t.*, s.stored_row
+            FROM _tokens t LEFT JOIN _stored s ON s.token = t.token ORDER BY t.token
+        """)
+        con.execute("CREATE OR REPLACE TABLE docs AS SELECT * FROM _docs ORDER BY doc")
+    finally:
+        for name in ("_tokens", "_stored", "_docs"):
+            con.unregister(name)
+    con.execute(
+        "INSERT OR REPLACE INTO index_meta VALUES ('store', ?), ('store_tokens', ?)",
+        [store.url, str(tokens.num_rows)],
+    )
+
+
+def _in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        work()
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _recorded_target(store: Store, adapters: Sequence[IndexAdapter]) -> str | None:
+    """The target model directory the adapters or the store record, if it exists here."""
+    for models in [a.models for a in adapters] + [store_models(store)]:
+        target = (models or {}).get("target")
+        if isinstance(target, dict):
+            target = target.get("path") or target.get("name_or_path") or target.get("id")
+        if isinstance(target, str) and Path(target, "config.json").exists():
+            return target
+    return None

@@ -1,0 +1,204 @@
+"""The loader, the trainer, resuming, sweeps and the train/plot commands on synthetic stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tca.cache.store import Store
+from tca.cli import main
+from tca.train.checkpoint import load_adapters
+from tca.train.loader import ActivationLoader, LoaderConfig
+from tca.train.synthetic import SyntheticSpec, make_synthetic_store
+from tca.train.trainer import TrainConfig, Trainer, train
+
+SPEC = SyntheticSpec(d_model=16, layers=(0, 2), n_docs=48, doc_len=32, n_true=8, block_rows=256, chunk_rows=64, store_y=True)
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("syn") / "store")
+    make_synthetic_store(url, SPEC)
+    return url
+
+
+def _cfg(store_url, out, **kw) -> TrainConfig:
+    values = dict(cache=store_url, out=str(out), features=24, batch=128, epochs=1.0, shuffle_rows=256,
+                  holdout_frac=0.2, log_every=1, checkpoint_every=1000, read_threads=2)
+    return TrainConfig(**(values | kw))
+
+
+def _np_holdout(store: Store, frac: float, seed: int) -> np.ndarray:
+    from tca.train.loader import holdout_docs
+
+    doc = store.table("tokens").column("doc").to_numpy()  # token i is row i in these stores
+    return holdout_docs(doc, frac, seed)
+
+
+# ---- loader --------------------------------------------------------------------------------------
+
+
+def test_loader_splits_by_document_and_returns_the_stored_rows(store_url):
+    store = Store.open(store_url)
+    loader = ActivationLoader(store, [0, 2], LoaderConfig(batch=100, seed=3, holdout_frac=0.25, shuffle_rows=192, eval_rows=10**6))
+    try:
+        doc = store.table("tokens").column("doc").to_numpy()
+        held = _np_holdout(store, 0.25, 3)
+        assert 0 < held.sum() < len(held)
+        # whole documents go one way
+        for d in np.unique(doc):
+            assert len(set(held[doc == d])) == 1
+        seen = []
+        for batch in loader.epoch(0):
+            assert len(batch.rows) == 100
+            assert not held[batch.rows].any()
+            for layer in (0, 2):
+                x = store.read(layer, "x", 0, store.n_rows, torch.float32).numpy()
+                np.testing.assert_array_equal(batch.x[layer].numpy(), x[batch.rows])
+            seen.append(batch.rows)
+        seen = np.concatenate(seen)
+        assert len(seen) == len(np.unique(seen)) == (~held).sum() // 100 * 100
+        assert not np.all(np.diff(seen) == 1)  # shuffled
+        evaluated = np.concatenate([b.rows for b in loader.eval_batches()])
+        assert sorted(evaluated) == list(np.flatnonzero(held))
+        # the order is a function of the seed and the batch index only
+        third = next(iter(loader.epoch(0, start_batch=2)))
+        assert np.array_equal(third.rows, seen[200:300])
+        assert loader.stats.as_dict()["docs_per_batch"] > 1
+    finally:
+        loader.close()
+
+
+def test_drop_outliers_against_numpy(tmp_path):
+    url = str(tmp_path / "sinks")
+    store = make_synthetic_store(url, SyntheticSpec(d_model=8, layers=(0, 1), n_docs=24, doc_len=32, sink_scale=30, chunk_rows=64, block_rows=256))
+    z = 3.0
+    norms = {layer: np.linalg.norm(store.read(layer, "x", 0, store.n_rows, torch.float32).numpy(), axis=1) for layer in (0, 1)}
+    keep = np.ones(store.n_rows, dtype=bool)
+    for n in norms.values():  # 12 chunks: the loader's median sample is every row
+        keep &= n <= z * np.median(n)
+    assert 0 < (~keep).sum() < 40
+    loader = ActivationLoader(store, [0, 1], LoaderConfig(batch=64, holdout_frac=0.2, drop_outliers=z, shuffle_rows=128))
+    try:
+        for layer, n in norms.items():
+            assert loader.medians[layer] == pytest.approx(np.median(n), rel=1e-5)
+        planned = np.concatenate([rows for _, rows in loader.windows(0)])[: loader.batches_per_epoch * 64]
+        got = np.concatenate([b.rows for b in loader.epoch(0)])
+        assert np.array_equal(got, planned[keep[planned]])
+        assert loader.stats.dropped == (~keep[planned]).sum() > 0
+    finally:
+        loader.close()
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def test_relu_adapter_learns_the_known_sparse_function(store_url, tmp_path):
+    summary = train(_cfg(store_url, tmp_path / "run", epochs=60, lr=3e-3, l1=[0.1], log_every=50, layers="0"))
+    layer = summary["members"]["l1-0.1"]["layers"]["0"]
+    assert layer["fve"] > 0.85 and layer["l0"] < 10
+    # summary figures agree with a recomputation from the saved adapters on the held-out rows
+    store = Store.open(store_url)
+    held = np.flatnonzero(_np_holdout(store, 0.2, 0))
+    adapter = load_adapters(tmp_path / "run").adapters[0]
+    x = store.read(0, "x", 0, store.n_rows, torch.float32)[held]
+    delta = store.read(0, "delta", 0, store.n_rows, torch.float32)[held].double().numpy()
+    y = store.read(0, "y", 0, store.n_rows, torch.float32)[held].double().numpy()
+    with torch.no_grad():
+        out = adapter(x)
+    pred = out.pred.double().numpy()
+    err = ((pred - delta) ** 2).sum()
+    assert layer["fve"] == pytest.approx(1 - err / ((delta - delta.mean(0)) ** 2).sum(), rel=1e-6)
+    assert layer["nmse"] == pytest.approx(err / (delta**2).sum(), rel=1e-6)
+    assert layer["nmse_y"] == pytest.approx(err / (y**2).sum(), rel=1e-6)
+    assert layer["nmse_y_hybrid"] == pytest.approx((delta**2).sum() / (y**2).sum(), rel=1e-6)
+    assert layer["l0"] == pytest.approx((out.acts != 0).sum(1).double().mean().item())
+
+
+def _weights(path):
+    return load_file(str(path / "adapters.safetensors"))
+
+
+def test_sweep_members_equal_separately_trained_runs(store_url, tmp_path):
+    train(_cfg(store_url, tmp_path / "sweep", l1=[0.05, 0.2], epochs=0.5))
+    train(_cfg(store_url, tmp_path / "alone", l1=[0.2], layers="2", epochs=0.5))
+    swept, alone = _weights(tmp_path / "sweep" / "l1-0.2"), _weights(tmp_path / "alone")
+    assert set(alone) < set(swept)
+    for name, t in alone.items():
+        assert torch.equal(t, swept[name]), name
+    other = _weights(tmp_path / "sweep" / "l1-0.05")
+    assert not torch.equal(other["layers.2.W_dec"], swept["layers.2.W_dec"])
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(store_url, tmp_path, activation):
+    kw = dict(activation=activation, k=[4], epochs=2.0, checkpoint_every=3, dead_after_tokens=256)
+    whole = train(_cfg(store_url, tmp_path / "whole", **kw))
+
+    def kill(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(store_url, tmp_path / "killed", **kw), on_step=kill)
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 6
+    resumed = train(TrainConfig(cache=store_url, out=str(tmp_path / "killed"), resume=True))
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["members"] == {k: v | {"path": str(tmp_path / "killed")} for k, v in whole["members"].items()}
+    records = lambda p: [{k: v for k, v in json.loads(line).items()} for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert records(tmp_path / "whole") == records(tmp_path / "killed")
+
+
+# ---- the commands --------------------------------------------------------------------------------
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_train_and_plot_commands(store_url, tmp_path):
+    out = tmp_path / "cli"
+    res = _run("train", "--cache", store_url, "--out", out, "--features", 16, "--batch", 128, "--epochs", 0.5,
+               "--layers", "0", "--k", "3,5", "--activation", "topk", "--holdout-frac", 0.2, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["members"]) == {"k-3", "k-5"}
+    assert load_adapters(out / "k-5").config.k == 5
+    res = _run("plot", out, "-o", tmp_path / "curves.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_gets_one_sentence(store_url, tmp_path):
+    base = ["train", "--cache", store_url, "--features", 16, "--batch", 128, "--holdout-frac", 0.2]
+    cases = {
+        "holds no layer 5": [*base, "--out", tmp_path / "a", "--layers", "5"],
+        "is not a comma list": [*base, "--out", tmp_path / "b", "--l1", "0.1,abc"],
+        "too little data": [*base[:-2], "--holdout-frac", 0.0001, "--out", tmp_path / "c"],
+        "no checkpoint to resume": [*base, "--out", tmp_path / "d", "--resume"],
+    }
+    for needle, args in cases.items():
+        res = _run(*args)
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_store_of_other_models(store_url, tmp_path):
+    def kill(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(store_url, tmp_path / "run", checkpoint_every=1), on_step=kill)
+    other = str(tmp_path / "other")
+    make_synthetic_store(other, SyntheticSpec(**{**SPEC.__dict__, "seed": 5}))
+    res = _run("train", "--cache", other, "--out", tmp_path / "run", "--resume")
+    assert res.exit_code == 2 and "other models" in res.output, res.output
+    assert Trainer(TrainConfig(cache=store_url, out=str(tmp_path / "run"), resume=True)).step == 1

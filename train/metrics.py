@@ -1,0 +1,75 @@
+"""Reconstruction metrics, one definition for every stage of tca.
+
+    FVE  = 1 - sum ||pred - delta||^2 / sum ||delta - mean(delta)||^2   (centred)
+    NMSE =     sum ||pred - delta||^2 / sum ||delta||^2                  (uncentred)
+    L0   = mean number of nonzero features per row
+
+Evaluation runs over many batches, so ``MetricSums`` accumulates the sums in float64 and
+computes the ratios at the end; the one-batch functions are the same sums over one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def fve(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of the (centred) variance of ``target`` that ``pred`` explains."""
+    sums = MetricSums(target.shape[-1])
+    sums.add(pred, target)
+    return sums.fve
+
+
+def nmse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Squared error relative to the squared norm of ``target`` (no centring)."""
+    sums = MetricSums(target.shape[-1])
+    sums.add(pred, target)
+    return sums.nmse
+
+
+def l0(acts: torch.Tensor) -> float:
+    """Mean number of nonzero features per row."""
+    return (acts != 0).sum(-1).double().mean().item()
+
+
+@dataclass
+class MetricSums:
+    """Running sums from which FVE, NMSE and L0 follow exactly over any number of batches."""
+
+    d: int
+    rows: int = 0
+    sq_err: float = 0.0
+    sq_target: float = 0.0
+    nonzero: int = 0
+
+    def __post_init__(self):
+        self.sum_target = torch.zeros(self.d, dtype=torch.float64)
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor, acts: torch.Tensor | None = None) -> None:
+        pred, target = pred.detach().double(), target.detach().double()
+        self.rows += target.shape[0]
+        self.sq_err += (pred - target).square().sum().item()
+        self.sq_target += target.square().sum().item()
+        self.sum_target += target.sum(0).cpu()
+        if acts is not None:
+            self.nonzero += int((acts != 0).sum().item())
+
+    @property
+    def centred_sq_target(self) -> float:
+        # sum ||t - mean||^2 = sum ||t||^2 - n ||mean||^2
+        mean = self.sum_target / max(self.rows, 1)
+        return self.sq_target - self.rows * mean.square().sum().item()
+
+    @property
+    def fve(self) -> float:
+        return 1.0 - self.sq_err / self.centred_sq_target
+
+    @property
+    def nmse(self) -> float:
+        return self.sq_err / self.sq_target
+
+    @property
+    def l0(self) -> float:
+        return self.nonzero / max(self.rows, 1)

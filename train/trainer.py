@@ -1,0 +1,426 @@
+"""``tca train``: adapters for several layers, and a sweep of them, from one pass over a store.
+
+Every batch of rows feeds every *member* (one adapter for one layer and one sweep value), each
+with its own AdamW (no weight decay), learning-rate schedule (linear warm-up over the first
+5% of steps, then cosine to zero) and gradient clipping. All members of a layer start from the
+same initial weights, so a sweep member ends exactly where a separate run with its value would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from tca import TcaError
+from tca.cache.models import parse_layers
+from tca.cache.store import Store
+from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.checkpoint import (
+    AdapterSet,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_adapters,
+    save_checkpoint,
+    store_models,
+)
+from tca.train.loader import ActivationLoader, Batch, LoaderConfig
+from tca.train.metrics import MetricSums
+
+log = logging.getLogger(__name__)
+
+DEFAULT_L1 = 0.1
+"""Provisional: chosen on a synthetic store; to be calibrated on the demo pair (docs/train.md)."""
+SWEEP_PARAM = {"relu": "l1", "jumprelu": "l1", "topk": "k", "batchtopk": "k"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``tca train`` needs; saved in the checkpoint and reused on ``--resume``."""
+
+    cache: str
+    """The activation store (a path or an fsspec URL)."""
+    out: str
+    """Directory for adapters, checkpoint, metrics.jsonl and summary.json."""
+    layers: str = "all"
+    """``all`` (every layer in the store) or a list like ``0,3,5-7``."""
+    features: int = 8192
+    """Features per adapter."""
+    activation: str = "relu"
+    """relu | topk | batchtopk | jumprelu."""
+    l1: list[float] = field(default_factory=lambda: [DEFAULT_L1])
+    """Sparsity coefficients (relu, jumprelu); several train a sweep on the same batches."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """Active features per row (topk, batchtopk); several train a sweep."""
+    lr: float = 8e-4
+    """Peak learning rate of AdamW."""
+    batch: int = 4096
+    """Rows (tokens) per step."""
+    tokens: int | None = None
+    """Training tokens; None: ``epochs`` passes over the training rows."""
+    epochs: float = 1.0
+    """Passes over the training rows when ``tokens`` is not given."""
+    holdout_frac: float = 0.05
+    """Fraction of documents held out for evaluation."""
+    dec_bias: bool = True
+    """Learn a decoder bias."""
+    drop_outliers: float | None = None
+    """Skip rows whose ||x|| is more than this many times the layer's median."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    resume: bool = False
+    """Continue the run in ``out`` from its checkpoint."""
+    seed: int = 0
+    """Seeds initialisation, hold-out split and data order."""
+    warmup_frac: float = 0.05
+    """Fraction of steps with linearly rising learning rate."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping per adapter."""
+    dead_after_tokens: int = 1_000_000
+    """A feature silent for this many training tokens counts as dead (and gets the aux loss)."""
+    log_every: int = 10
+    """Steps between training records in metrics.jsonl."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: ten per run)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    shuffle_rows: int = 65536
+    """Rows mixed at once by the loader."""
+    read_threads: int = 4
+    """Chunks read concurrently."""
+    eval_rows: int = 65536
+    """Held-out rows used per evaluation."""
+
+
+def parse_list(text: str, kind: type, flag: str) -> list:
+    """A comma list of numbers such as ``0.001,0.003``; one clear sentence when it is not."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise TcaError(f"{flag} {text!r} is not a comma list of positive {kind.__name__} values, e.g. {flag} 0.001,0.003.")
+    return values
+
+
+@dataclass
+class Member:
+    """One adapter being trained: a layer and a sweep value, with its optimizer."""
+
+    name: str
+    layer: int
+    adapter: Adapter
+    opt: torch.optim.Optimizer
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.layer}"
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warmup = max(1, round(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sweep_values(cfg: TrainConfig) -> list[tuple[str, dict]]:
+    """(member name, AdapterConfig overrides) for each sweep value."""
+    param = SWEEP_PARAM.get(cfg.activation)
+    if param is None:
+        raise TcaError(f"unknown activation {cfg.activation!r}; use one of {sorted(SWEEP_PARAM)}.")
+    other = "k" if param == "l1" else "l1"
+    if len(getattr(cfg, other)) > 1:
+        raise TcaError(f"a --{other} sweep does not apply to --activation {cfg.activation}; sweep --{param} instead.")
+    return [(f"{param}-{v:g}", {param: v}) for v in getattr(cfg, param)]
+
+
+class Trainer:
+    """Holds the store, loader and members of one run; ``run`` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.out = Path(cfg.out)
+        state = tensors = None
+        if cfg.resume:
+            state, tensors = load_checkpoint(self.out / "checkpoint")
+            saved = TrainConfig(**state["config"])
+            cfg = dataclasses.replace(saved, cache=cfg.cache, device=cfg.device, resume=True)
+        elif (self.out / "checkpoint").exists() or (self.out / "summary.json").exists():
+            raise TcaError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out.")
+        self.cfg = cfg
+        self.store = Store.open(cfg.cache)
+        self.models = store_models(self.store)
+        if state is not None and state.get("models") and self.models and state["models"] != self.models:
+            raise TcaError(
+                f"{cfg.cache} was harvested from other models than the checkpoint in {self.out} "
+                f"({self.models} vs {state['models']}); resume with the store it was trained on."
+            )
+        self.layers = self._layers()
+        self.device = _device(cfg.device)
+        self.loader = ActivationLoader(
+            self.store,
+            self.layers,
+            LoaderConfig(
+                batch=cfg.batch, seed=cfg.seed, holdout_frac=cfg.holdout_frac, drop_outliers=cfg.drop_outliers,
+                shuffle_rows=cfg.shuffle_rows, read_threads=cfg.read_threads, eval_rows=cfg.eval_rows,
+                pin_memory=self.device.type == "cuda",
+            ),
+        )
+        steps = cfg.tokens // cfg.batch if cfg.tokens else int(cfg.epochs * self.loader.batches_per_epoch)
+        self.total_steps = max(steps, 1)
+        self.eval_every = cfg.eval_every or max(1, self.total_steps // 10)
+        self.members = self._members()
+        self.step, self.tokens_seen = 0, 0
+        if state is not None:
+            self._restore(state, tensors)
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    def _layers(self) -> list[int]:
+        available = self.store.layers
+        if self.cfg.layers.strip() == "all":
+            return available
+        wanted = parse_layers(self.cfg.layers, 1 << 31)  # checked against the store's layers below
+        missing = [layer for layer in wanted if layer not in available]
+        if missing:
+            raise TcaError(f"{self.cfg.cache} holds no layer {missing[0]}; it holds layers {available}.")
+        return wanted
+
+    def _adapter_config(self, overrides: dict) -> AdapterConfig:
+        cfg = self.cfg
+        values = dict(
+            d_model=self.store.d_model, n_features=cfg.features, activation=cfg.activation, l1=cfg.l1[0],
+            k=cfg.k[0], dec_bias=cfg.dec_bias, dead_after_tokens=cfg.dead_after_tokens,
+        )
+        return AdapterConfig(**(values | overrides))
+
+    def _members(self) -> list[Member]:
+        members = []
+        for name, overrides in sweep_values(self.cfg):
+            acfg = self._adapter_config(overrides)
+            for layer in self.layers:
+                # the init depends on the seed and layer only: sweep members match separate runs
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
+                adapter = Adapter(acfg, gen).to(self.device)
+                opt = torch.optim.AdamW(adapter.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+                members.append(Member(name, layer, adapter, opt))
+        return members
+
+    def _set_loss_scale(self, batch: Batch) -> None:
+        """Normalise each layer's loss by the RMS norm of delta in the first batch."""
+        for m in self.members:
+            rms = batch.delta[m.layer].square().sum(-1).mean().sqrt().clamp_min(1e-12)
+            m.adapter.loss_scale.fill_(float(rms))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors = {"rng.torch": torch.get_rng_state()}
+        groups = {}
+        for m in self.members:
+            tensors |= {f"adapter.{m.key}.{k}": v for k, v in m.adapter.state_dict().items()}
+            opt_t, groups[m.key] = optimizer_tensors(f"opt.{m.key}", m.opt)
+            tensors |= opt_t
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "config": dataclasses.asdict(self.cfg),
+            "models": self.models, "store": self.cfg.cache, "optimizers": groups,
+        }
+        return state, tensors
+
+    def _restore(self, state: dict, tensors: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        torch.set_rng_state(tensors["rng.torch"])
+        for m in self.members:
+            prefix = f"adapter.{m.key}."
+            m.adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            restore_optimizer(f"opt.{m.key}", m.opt, tensors, state["optimizers"][m.key])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop records written after the checkpoint by the run that was interrupted."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.out / "checkpoint", *self._state())
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> dict:
+        """Train to ``total_steps``; ``on_step(step)`` runs after each step (tests stop runs with it)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        per_epoch = self.loader.batches_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        try:
+            with open(self.out / "metrics.jsonl", "a") as metrics:
+                while self.step < self.total_steps:
+                    epoch, first = divmod(self.step, per_epoch)
+                    for batch in self.loader.epoch(epoch, first):
+                        if self.step == 0:
+                            self._set_loss_scale(batch)
+                        records = self._train_step(batch)
+                        self.step += 1
+                        self.tokens_seen += len(batch.rows)
+                        if records:
+                            rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                            for r in records:
+                                metrics.write(json.dumps(r) + "\n")
+                            bar.set_postfix(_postfix(records, rate), refresh=False)
+                        if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                            for r in self.evaluate():
+                                metrics.write(json.dumps(r) + "\n")
+                        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                            metrics.flush()
+                            self.save_checkpoint()
+                        bar.update()
+                        if on_step:
+                            on_step(self.step)
+                        if self.step >= self.total_steps:
+                            break
+        finally:
+            bar.close()
+            self.loader.close()
+        return self.finish()
+
+    def _train_step(self, batch: Batch) -> list[dict]:
+        lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.warmup_frac)
+        logging_step = (self.step + 1) % self.cfg.log_every == 0
+        records = []
+        for m in self.members:
+            x = batch.x[m.layer].to(self.device, non_blocking=True)
+            delta = batch.delta[m.layer].to(self.device, non_blocking=True)
+            for group in m.opt.param_groups:
+                group["lr"] = lr
+            loss = m.adapter.loss(x, delta)
+            m.opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(m.adapter.parameters(), self.cfg.grad_clip)
+            m.opt.step()
+            m.adapter.after_step(loss.out)
+            if logging_step:
+                sums = MetricSums(delta.shape[-1])
+                sums.add(loss.out.pred, delta, loss.out.acts)
+                records.append({
+                    "kind": "train", "step": self.step + 1, "tokens": self.tokens_seen + len(batch.rows),
+                    "member": m.name, "layer": m.layer, "lr": lr, "loss": loss.total.item(),
+                    "mse": loss.mse.item(), "sparsity": loss.sparsity.item(), "aux": loss.aux.item(),
+                    "fve": sums.fve, "nmse": sums.nmse, "l0": sums.l0,
+                    "dead_frac": m.adapter.dead_mask.float().mean().item(),
+                })
+        return records
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict]:
+        """Held-out FVE/NMSE of delta (and of y where stored), L0 and never-firing features."""
+        d = self.store.d_model
+        sums = {m.key: MetricSums(d) for m in self.members}
+        sums_y = {m.key: MetricSums(d) for m in self.members}
+        hybrid_y = {layer: MetricSums(d) for layer in self.layers}
+        fired = {m.key: torch.zeros(self.cfg.features, dtype=torch.bool, device=self.device) for m in self.members}
+        for m in self.members:
+            m.adapter.eval()
+        for batch in self.loader.eval_batches():
+            for layer in self.layers:
+                if batch.y:
+                    y = batch.y[layer]
+                    hybrid_y[layer].add(y - batch.delta[layer], y)
+            for m in self.members:
+                x, delta = batch.x[m.layer].to(self.device), batch.delta[m.layer].to(self.device)
+                out = m.adapter(x)
+                sums[m.key].add(out.pred, delta, out.acts)
+                fired[m.key] |= (out.acts > 0).any(0)
+                if batch.y:
+                    # the adapted MLP is y - delta + pred, so its error against y is pred - delta
+                    y = batch.y[m.layer].to(self.device)
+                    sums_y[m.key].add(y - delta + out.pred, y)
+        records = []
+        for m in self.members:
+            m.adapter.train()
+            s = sums[m.key]
+            record = {
+                "kind": "eval", "step": self.step, "tokens": self.tokens_seen, "member": m.name, "layer": m.layer,
+                "fve": s.fve, "nmse": s.nmse, "l0": s.l0, "dead_frac": 1 - fired[m.key].float().mean().item(),
+                "rows": s.rows,
+            }
+            if sums_y[m.key].rows:
+                record |= {"fve_y": sums_y[m.key].fve, "nmse_y": sums_y[m.key].nmse, "nmse_y_hybrid": hybrid_y[m.layer].nmse}
+            records.append(record)
+        self.last_eval = records
+        return records
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def member_dir(self, name: str) -> Path:
+        names = {m.name for m in self.members}
+        return self.out if len(names) == 1 else self.out / name
+
+    def finish(self) -> dict:
+        """Write each sweep member's adapter set and ``summary.json``; return the summary."""
+        evals = getattr(self, "last_eval", None) or self.evaluate()
+        by_name: dict[str, dict[int, Adapter]] = {}
+        for m in self.members:
+            by_name.setdefault(m.name, {})[m.layer] = m.adapter.cpu().eval()
+        train_settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("out", "resume", "device")}
+        for name, adapters in by_name.items():
+            config = next(iter(adapters.values())).cfg
+            save_adapters(
+                self.member_dir(name),
+                AdapterSet(adapters, config, self.cfg.cache, self.models, {"train": train_settings, "tokens_seen": self.tokens_seen}),
+            )
+        summary = {
+            "store": self.cfg.cache, "tokens_seen": self.tokens_seen, "steps": self.step,
+            "loader": self.loader.stats.as_dict(),
+            "members": {
+                name: {
+                    "path": str(self.member_dir(name)),
+                    "layers": {str(r["layer"]): _eval_summary(r) for r in evals if r["member"] == name},
+                }
+                for name in by_name
+            },
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Train (or resume) the run ``cfg`` describes and return its summary."""
+    return Trainer(cfg).run(on_step)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TcaError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    if name not in ("cpu", "cuda"):
+        raise TcaError(f"unknown --device {name!r}; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def _eval_summary(record: dict) -> dict:
+    keys = ("fve", "nmse", "l0", "dead_frac", "fve_y", "nmse_y", "nmse_y_hybrid", "rows")
+    return {k: record[k] for k in keys if k in record}
+
+
+def _postfix(records: list[dict], tokens_per_s: float) -> dict:
+    n = len(records)
+    return {
+        "tok/s": f"{tokens_per_s:,.0f}",
+        "loss": f"{sum(r['loss'] for r in records) / n:.4f}",
+        "L0": f"{sum(r['l0'] for r in records) / n:.1f}",
+        "FVE": f"{sum(r['fve'] for r in records) / n:.3f}",
+    }
