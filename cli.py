@@ -78,7 +78,7 @@ def emit(data: dict, as_json: bool, render) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory to write base/, reasoning/, data/ and README.md into.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the problems, initialisation and batch order.")
-@click.option("--threads", default=1, show_default=True, help="CPU threads (part of the recipe: results depend on it).")
+@click.option("--threads", default=2, show_default=True, help="CPU threads (part of the recipe: results depend on it).")
 @click.option("--force", is_flag=True, help="Overwrite the pair in a directory that already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths and measured figures as JSON.")
 def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) -> None:
@@ -92,8 +92,12 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
     data = {
         "base": result.base, "reasoning": result.reasoning, "readme": result.readme,
         "figures": figures_json(result.figures) if result.figures else None,
+        "seconds": round(result.seconds, 1), "cpu_seconds": round(result.cpu_seconds, 1),
+        "threads": result.threads, "bytes": result.bytes,
     }
-    emit(data, as_json, lambda d: click.echo(f"wrote {out} (figures in {d['readme']})"))
+    emit(data, as_json, lambda d: click.echo(
+        f"wrote {out} in {d['seconds']:.0f}s wall, {d['cpu_seconds']:.0f}s CPU on {d['threads']} threads; "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in d["bytes"].items()) + f" (figures in {d['readme']})"))
 
 
 @main.command()
@@ -118,24 +122,34 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
 @click.option("--chunk-rows", default=512, show_default=True, help="Rows per chunk (unit of reading).")
 @click.option("--compressor", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest of the same configuration.")
+@click.option("--storage-options", default=None, help="fsspec options of --out as JSON (default: AWS_* variables for s3://).")
+@click.option("--writers", default=2, show_default=True, help="Writer threads (more for object storage).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def harvest(base, target, data, out, layers, max_tokens, seq_len, batch_tokens, keep_frac, seed, skip_sinks,
-            store_y, dtype, device, fmt, template, block_rows, chunk_rows, compressor, resume, as_json) -> None:
-    """Paired MLP activations (x, delta) of a base and a target model into a Zarr store."""
+            store_y, dtype, device, fmt, template, block_rows, chunk_rows, compressor, resume, storage_options,
+            writers, as_json) -> None:
+    """Paired MLP activations (x, delta) of a base and a target model into a Zarr store.
+
+    Under torchrun, each rank harvests its own share of the store's blocks into the same --out.
+    """
     import dataclasses
 
     from tca.cache.harvest import HarvestConfig
     from tca.cache.harvest import harvest as run_harvest
     from tca.cache.plan import PlanConfig
+    from tca.cache.store import parse_storage_options
 
     plan = PlanConfig(data=data, format=fmt, template=template, seq_len=seq_len, max_tokens=max_tokens,
                       keep_frac=keep_frac, seed=seed, skip_sinks=skip_sinks)
     cfg = HarvestConfig(base=base, target=target, out=out, plan=plan, layers=layers, batch_tokens=batch_tokens,
                         store_y=store_y, dtype=dtype, device=device, resume=resume, block_rows=block_rows,
-                        chunk_rows=chunk_rows, compressor=compressor)
+                        chunk_rows=chunk_rows, compressor=compressor, writers=writers,
+                        storage_options=parse_storage_options(storage_options))
     result = run_harvest(cfg)
     emit(dataclasses.asdict(result), as_json, lambda d: click.echo(
-        f"wrote {d['n_rows']} rows of {d['n_tokens']} tokens to {d['url']} in {d['seconds']:.1f}s"))
+        f"wrote {d['n_rows']} rows of {d['n_tokens']} tokens to {d['url']} in {d['seconds']:.1f}s"
+        if d["world_size"] == 1 else
+        f"rank {d['rank']} of {d['world_size']} wrote {d['blocks_written']} blocks to {d['url']} in {d['seconds']:.1f}s"))
 
 
 @main.group()
@@ -201,16 +215,28 @@ def cache_verify(ctx, store, recompute, seed, base, target, device, as_json) -> 
 @click.option("--min-act", default=0.0, show_default=True, help="Keep activations strictly above this value.")
 @click.option("--target", default=None, help="Target model directory for the logit lens (default: the recorded one).")
 @click.option("--batch-rows", default=4096, show_default=True, help="Rows encoded at once.")
+@click.option("--workers", type=int, default=None, help="Encode on a local Dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, help="Encode on the Dask cluster at this address (tcp://host:8786).")
+@click.option("--parts", default=None,
+              help="Where Dask workers write Parquet parts (a path or URL they all reach; default: beside --out).")
+@click.option("--storage-options", default=None, help="fsspec options of the store and parts as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def index_cmd(cache_url, adapters, out, layers, min_act, target, batch_rows, as_json) -> None:
+def index_cmd(cache_url, adapters, out, layers, min_act, target, batch_rows, workers, scheduler, parts,
+              storage_options, as_json) -> None:
     """Encode every stored row with adapters and index every nonzero activation in DuckDB."""
     import dataclasses
     from pathlib import Path
 
+    from tca.cache.cluster import ClusterConfig
+    from tca.cache.store import parse_storage_options
     from tca.query.index import IndexConfig, build_index
 
+    cluster = None
+    if workers is not None or scheduler is not None:
+        cluster = ClusterConfig(scheduler=scheduler, workers=2 if workers is None else workers)
     cfg = IndexConfig(cache=cache_url, adapters=list(adapters), out=Path(out), layers=layers, min_act=min_act,
-                      target=target, batch_rows=batch_rows)
+                      target=target, batch_rows=batch_rows, cluster=cluster, parts=parts,
+                      storage_options=parse_storage_options(storage_options))
     summary = build_index(cfg)
     emit(dataclasses.asdict(summary), as_json, lambda d: click.echo(
         f"indexed {sum(d['written'].values())} activations of {len(d['written'])} adapter layers "
@@ -363,6 +389,48 @@ def plot_cmd(run, out) -> None:
     from tca.train.plot import plot
 
     click.echo(f"wrote {plot(run, out)}")
+
+
+@cache.command("stats")
+@click.argument("store")
+@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
+@click.option("--scheduler", default=None, help="Run on the Dask cluster at this address (tcp://host:8786).")
+@click.option("--workers", default=2, show_default=True, help="Worker processes of the local Dask cluster.")
+@click.option("--outlier-factor", default=10.0, show_default=True, help="Outlier: norm above this × the median.")
+@click.option("--top", "top_outliers", default=10, show_default=True, help="Largest-norm rows listed per array.")
+@click.option("--storage-options", default=None, help="fsspec options of STORE as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything (mean and variance vectors too) as JSON.")
+def cache_stats(store, layers, scheduler, workers, outlier_factor, top_outliers, storage_options, as_json) -> None:
+    """Per layer: mean, row-norm quantiles, per-dimension variance and outlier rows of x and delta (Dask)."""
+    import dataclasses
+
+    from tca.cache.cluster import ClusterConfig
+    from tca.cache.stats import StatsConfig, store_stats
+    from tca.cache.store import parse_storage_options
+
+    cfg = StatsConfig(store=store, layers=layers, cluster=ClusterConfig(scheduler=scheduler, workers=workers),
+                      storage_options=parse_storage_options(storage_options), outlier_factor=outlier_factor,
+                      top_outliers=top_outliers)
+    stats = store_stats(cfg)
+
+    def render(d: dict) -> None:
+        click.echo(f"{d['url']}: {d['rows']} committed rows, {len(d['layers'])} layers "
+                   f"({d['rows_per_s']:.0f} rows/s)")
+        for layer, arrays in d["layers"].items():
+            for name, s in arrays.items():
+                if not s["mean"]:
+                    continue
+                q = s["norm_quantiles"]
+                mean_norm = sum(v * v for v in s["mean"]) ** 0.5
+                mean_var = sum(s["variance"]) / len(s["variance"])
+                click.echo(f"layer {layer:>3} {name:<6} |mean| {mean_norm:.4g}  mean var {mean_var:.4g}  "
+                           f"norm p50 {q['0.5']:.4g} p99 {q['0.99']:.4g} max {q['1.0']:.4g}  "
+                           f"{s['n_outliers']} outlier rows")
+                for o in s["outliers"][:3]:
+                    click.echo(f"    row {o['row']} (doc {o['doc']} pos {o['pos']} {o['piece']!r}): "
+                               f"norm {o['norm']:.4g} = {o['norm_over_median']:.1f} x median")
+
+    emit(dataclasses.asdict(stats), as_json, render)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ the document alone. Padding never becomes a row.
 Resuming recomputes the same batches (they follow from the plan and ``batch_tokens``) and
 skips those whose rows all lie in committed blocks, so a resumed store is identical to an
 uninterrupted one.
+
+Under ``torchrun`` each rank fills its own contiguous range of blocks (``tca.cache.ranks``):
+rank 0 creates the store, every rank runs the batches touching its blocks, and the result is
+the store one process would write.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tca.cache.models import (
     resolve_dtype,
 )
 from tca.cache.plan import Plan, PlanConfig, build_plan
+from tca.cache.ranks import Ranks, process_group, rank0_first
 from tca.cache.store import Store, StoreSpec
 from tca.cache.writer import BlockWriter
 
@@ -111,7 +116,10 @@ class HarvestResult:
     n_tokens: int
     n_rows: int
     blocks_written: int
+    """Blocks this process wrote (all the store's blocks but those committed before, or its rank's share)."""
     seconds: float
+    rank: int = 0
+    world_size: int = 1
 
 
 def plan_batches(plan: Plan, batch_tokens: int) -> list[Batch]:
@@ -172,44 +180,51 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     if cfg.batch_tokens < 1:
         raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
     dtype = resolve_dtype(cfg.dtype, target_src)
-    device = _device(cfg.device)
-    existing = _existing_store(cfg) if cfg.resume else None
-    if not cfg.resume:
-        _refuse_existing(cfg)
+    ranks = Ranks.from_env()
+    device = ranks.device(_device(cfg.device))
+    with process_group(ranks, device):
+        # Refuse a wrong --out before loading any model.
+        existing = rank0_first(ranks, lambda: _open_out(cfg))
 
-    tokenizer = load_tokenizer(target_src)
-    plan = build_plan(cfg.plan, tokenizer)
-    model = load_model(target_src, dtype, device)
-    act = target_src.config.get("hidden_act", "silu")
-    mlps = PairedMlps(
-        base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
-        target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
-    )
-    check_mlp_shapes(mlps.base, mlps.target)
+        tokenizer = load_tokenizer(target_src)
+        plan = build_plan(cfg.plan, tokenizer)
+        model = load_model(target_src, dtype, device)
+        act = target_src.config.get("hidden_act", "silu")
+        mlps = PairedMlps(
+            base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
+            target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
+        )
+        check_mlp_shapes(mlps.base, mlps.target)
 
-    identity = cfg.identity() | {"dtype": str(dtype).removeprefix("torch."), "layers": layers}
-    attrs = {
-        "models": {"base": base_src.provenance(), "target": target_src.provenance()},
-        "harvest": identity,
-        "dataset_fingerprint": plan.fingerprint,
-        "n_tokens": plan.n_tokens,
-        "n_docs": plan.n_docs,
-    }
-    spec = StoreSpec(
-        layers=layers, d_model=target_src.d_model, dtype=identity["dtype"], n_rows=len(plan.row_tokens),
-        block_rows=cfg.block_rows, chunk_rows=cfg.chunk_rows, store_y=cfg.store_y, compressor=cfg.compressor,
-        attrs=attrs,
-    )
-    store = _prepare_store(cfg, existing, spec, plan)
+        identity = cfg.identity() | {"dtype": str(dtype).removeprefix("torch."), "layers": layers}
+        attrs = {
+            "models": {"base": base_src.provenance(), "target": target_src.provenance()},
+            "harvest": identity,
+            "dataset_fingerprint": plan.fingerprint,
+            "n_tokens": plan.n_tokens,
+            "n_docs": plan.n_docs,
+        }
+        spec = StoreSpec(
+            layers=layers, d_model=target_src.d_model, dtype=identity["dtype"], n_rows=len(plan.row_tokens),
+            block_rows=cfg.block_rows, chunk_rows=cfg.chunk_rows, store_y=cfg.store_y, compressor=cfg.compressor,
+            attrs=attrs,
+        )
+        store = rank0_first(ranks, lambda: _prepare_store(cfg, existing, spec, plan))
+        if store is None:
+            store = _join_store(cfg, spec)
 
-    done = store.committed()
-    batches = [b for b in plan_batches(plan, cfg.batch_tokens) if _needed(b, store, done)]
+    # Blocks of other ranks count as done: this rank neither runs nor writes them.
+    skip = store.committed() | ranks.others(spec.n_blocks)
+    batches = [b for b in plan_batches(plan, cfg.batch_tokens) if _needed(b, store, skip)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    writer = BlockWriter(store, done, cfg.writers, cfg.queue_blocks)
+    writer = BlockWriter(store, skip, cfg.writers, cfg.queue_blocks)
     n_run = sum(int(plan.doc_start[b.doc1] - plan.doc_start[b.doc0]) for b in batches)
-    log.info("harvesting %d of %d blocks: %d batches, %d tokens, layers %s on %s",
-             int((~done).sum()), len(done), len(batches), n_run, layers, device)
-    bar = tqdm(total=n_run, unit="tok", unit_scale=True, desc="harvest", dynamic_ncols=True, disable=None)
+    where = f"rank {ranks.rank} of {ranks.world_size}: " if ranks.distributed else ""
+    log.info("%sharvesting %d of %d blocks: %d batches, %d tokens, layers %s on %s",
+             where, int((~skip).sum()), len(skip), len(batches), n_run, layers, device)
+    desc = f"harvest {ranks.rank}" if ranks.distributed else "harvest"
+    bar = tqdm(total=n_run, unit="tok", unit_scale=True, desc=desc, position=ranks.local_rank, dynamic_ncols=True,
+               disable=None)
     try:
         for batch in batches:
             ids, mask, select = batch_inputs(plan, batch, pad_id)
@@ -223,9 +238,13 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         raise
     finally:
         bar.close()
-    store.update_attrs(complete=store.complete)
+    # Whichever rank finishes last sees every block committed; flags only go from 0 to 1,
+    # so no rank can wrongly mark the store complete.
+    if store.complete:
+        store.update_attrs(complete=True)
     seconds = time.perf_counter() - t0
-    return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int((~done).sum()), seconds)
+    return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int((~skip).sum()), seconds,
+                         ranks.rank, ranks.world_size)
 
 
 def _needed(batch: Batch, store: Store, done: np.ndarray) -> bool:
@@ -233,6 +252,14 @@ def _needed(batch: Batch, store: Store, done: np.ndarray) -> bool:
         return False
     blocks = range(batch.row0 // store.spec.block_rows, (batch.row1 - 1) // store.spec.block_rows + 1)
     return not all(done[b] for b in blocks)
+
+
+def _open_out(cfg: HarvestConfig) -> Store | None:
+    """The store to resume (None when nothing is there yet); without --resume, refuse an existing one."""
+    if cfg.resume:
+        return _existing_store(cfg)
+    _refuse_existing(cfg)
+    return None
 
 
 def _refuse_existing(cfg: HarvestConfig) -> None:
@@ -253,6 +280,13 @@ def _existing_store(cfg: HarvestConfig) -> Store | None:
     return Store.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
 
 
+def _join_store(cfg: HarvestConfig, spec: StoreSpec) -> Store:
+    """The store rank 0 prepared, checked against this rank's own plan and models."""
+    store = Store.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
+    _check_resumable(store, spec, "join")
+    return store
+
+
 def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, plan: Plan) -> Store:
     if existing is not None and existing.setup_complete:
         _check_resumable(existing, spec)
@@ -270,19 +304,19 @@ def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, 
     return store
 
 
-def _check_resumable(store: Store, spec: StoreSpec) -> None:
-    """Refuse, saying what differs, to resume a store written with another configuration."""
+def _check_resumable(store: Store, spec: StoreSpec, action: str = "resume") -> None:
+    """Refuse, saying what differs, to resume (or join) a store written with another configuration."""
     old = store.spec
     theirs, ours = old.attrs.get("harvest", {}), spec.attrs["harvest"]
     for key in sorted(set(theirs) | set(ours)):
         if theirs.get(key) != ours.get(key):
             raise TcaError(
-                f"cannot resume {store.url}: it was harvested with {key}={theirs.get(key)!r}, "
+                f"cannot {action} {store.url}: it was harvested with {key}={theirs.get(key)!r}, "
                 f"this run has {key}={ours.get(key)!r}."
             )
     for role in ("base", "target"):
         a, b = old.attrs["models"][role]["config_hash"], spec.attrs["models"][role]["config_hash"]
         if a != b:
-            raise TcaError(f"cannot resume {store.url}: the {role} model's config differs from the one it was harvested with.")
+            raise TcaError(f"cannot {action} {store.url}: the {role} model's config differs from the one it was harvested with.")
     if old.attrs.get("dataset_fingerprint") != spec.attrs["dataset_fingerprint"]:
-        raise TcaError(f"cannot resume {store.url}: the data now gives different tokens or rows than when it was harvested.")
+        raise TcaError(f"cannot {action} {store.url}: the data now gives different tokens or rows than when it was harvested.")

@@ -24,6 +24,7 @@ returning wrong numbers. docs/store.md describes the format for readers without 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,23 @@ class RowBlock:
     """Global token index of each row (an index into ``tokens.parquet``)."""
     arrays: dict[str, torch.Tensor]
     """``x``, ``delta`` (and ``y``) as ``[stop - start, d_model]`` tensors."""
+
+
+def parse_storage_options(text: str | None) -> dict:
+    """fsspec options given as a JSON object (``--storage-options``); empty when not given.
+
+    Without options, s3fs takes credentials and endpoint from the standard environment
+    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, …).
+    """
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TcaError(f"--storage-options is not valid JSON ({exc.msg} at character {exc.pos}).") from None
+    if not isinstance(options, dict):
+        raise TcaError('--storage-options must be a JSON object, such as {"endpoint_url": "http://127.0.0.1:9000"}.')
+    return options
 
 
 def _split_url(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -326,15 +344,28 @@ class Store:
         done = np.flatnonzero(self.committed())
         return int(sum(stop - start for start, stop in map(self.block_range, done)))
 
-    def dask_array(self, layer: int, name: str, dtype: str | None = "float32"):
-        """One array as a dask array of its stored chunks, decoded (to ``dtype`` if given)."""
+    def dask_array(self, layer: int, name: str, dtype: str | None = "float32", committed_only: bool = False):
+        """One array as a dask array with one chunk per block (shard), decoded (to ``dtype`` if given).
+
+        ``committed_only`` keeps only the rows of committed blocks (all rows of a complete store).
+        """
         import dask.array as da
 
         arr = self.array(layer, name)
-        raw = da.from_zarr(arr)
+        raw = da.from_zarr(arr, chunks=(self.spec.block_rows, self.spec.d_model))
+        if committed_only and not self.complete:
+            done = np.flatnonzero(self.committed())
+            raw = da.concatenate([raw[slice(*self.block_range(b))] for b in done]) if len(done) else raw[:0]
         if arr.attrs["tca_encoding"] == "bfloat16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         return raw if dtype is None else raw.astype(dtype)
+
+    def committed_row_indices(self) -> np.ndarray:
+        """Indices of the rows in committed blocks, ascending (the rows of ``committed_only``)."""
+        done = np.flatnonzero(self.committed())
+        if not len(done):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(*self.block_range(b), dtype=np.int64) for b in done])
 
     def table(self, name: str) -> pa.Table:
         """``tokens`` or ``docs`` as an Arrow table."""

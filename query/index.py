@@ -8,13 +8,16 @@ for it, so re-indexing replaces a layer atomically: a failure (or a kill) at any
 the previous activations, statistics and metadata in place. Activations are inserted sorted
 by (feature, value desc), so one feature's rows are contiguous and DuckDB's per-row-group
 min/max skip everything else when a query asks for one feature.
+
+With a Dask cluster (``--workers``/``--scheduler``) the encoding runs on its workers, which
+write Parquet parts that this process then loads in the same order (``tca.query.parts``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ import torch
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.models import parse_layers
 from tca.cache.store import Store
 from tca.query import schema
 from tca.query.lens import LogitLens
+from tca.query.parts import Parts, encode_run, write_parts
 from tca.train.checkpoint import load_adapters as load_adapter_set
 from tca.train.checkpoint import store_models
 
@@ -90,6 +95,13 @@ class IndexConfig:
     """Rows encoded at once."""
     n_logits: int = 10
     """Tokens kept per feature in ``top_logits`` and ``bottom_logits``."""
+    cluster: ClusterConfig | None = None
+    """Encode on Dask workers (a local cluster or one at a scheduler address); None: in this process."""
+    parts: str | None = None
+    """Where Dask workers write Parquet parts (a path or fsspec URL all of them reach); default:
+    a directory beside ``out``. Removed once loaded."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options of the store and the parts (credentials, endpoint)."""
 
 
 @dataclass
@@ -101,11 +113,13 @@ class IndexSummary:
     """Activations written per ``adapter/layer``."""
     seconds: float = 0.0
     rows_per_s: float = 0.0
+    workers: int = 0
+    """Dask workers that encoded the rows; 0 when this process did."""
 
 
 def build_index(cfg: IndexConfig) -> IndexSummary:
     """Load the store and adapters named by ``cfg`` and index them."""
-    store = Store.open(cfg.cache)
+    store = Store.open(cfg.cache, storage_options=cfg.storage_options)
     adapters: list[IndexAdapter] = []
     for spec in cfg.adapters:
         name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
@@ -120,8 +134,11 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     lens = LogitLens.from_pretrained(lens_dir) if lens_dir else None
     if lens is None:
         log.warning("no target model found for the logit lens; pass --target to fill top_logits/bottom_logits")
-    return index_adapters(store, adapters, cfg.out, min_act=cfg.min_act, lens=lens,
-                          batch_rows=cfg.batch_rows, n_logits=cfg.n_logits)
+    options = dict(min_act=cfg.min_act, lens=lens, batch_rows=cfg.batch_rows, n_logits=cfg.n_logits)
+    if cfg.cluster is None:
+        return index_adapters(store, adapters, cfg.out, **options)
+    with dask_client(cfg.cluster) as client:
+        return index_adapters(store, adapters, cfg.out, client=client, parts=cfg.parts, **options)
 
 
 def index_adapters(
@@ -133,10 +150,17 @@ def index_adapters(
     lens: LogitLens | None = None,
     batch_rows: int = 4096,
     n_logits: int = 10,
+    client=None,
+    parts: str | None = None,
 ) -> IndexSummary:
-    """Write (or replace) every given adapter's layer in the index at ``out``."""
+    """Write (or replace) every given adapter's layer in the index at ``out``.
+
+    With a Dask ``client``, workers encode the rows into Parquet parts under ``parts`` first
+    (``tca.query.parts``; default: a directory beside ``out``), and this process loads them;
+    the index is the same either way.
+    """
     _check(store, adapters)
-    rows = _committed_rows(store)
+    rows = store.committed_row_indices()
     if not len(rows):
         raise TcaError(f"{store.url} has no committed rows yet; index it after (part of) the harvest is done.")
     if len(rows) < store.n_rows:
@@ -144,24 +168,40 @@ def index_adapters(
                     len(rows), store.n_rows)
     row_tokens = store.row_tokens()
     layers = sorted({a.layer for a in adapters})
+    of_layer = {layer: [a for a in adapters if a.layer == layer] for layer in layers}
+    runs = list(_runs(rows, batch_rows))
     summary = IndexSummary(str(out), len(rows))
     con = duckdb.connect(str(out))
     con.execute("SET enable_progress_bar = false")  # stdout is for results; tqdm reports on stderr
+    written: Parts | None = None
     try:
         _in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
         start = time.perf_counter()
+        if client is not None:
+            encoders = {layer: [a.encode for a in mine] for layer, mine in of_layer.items()}
+            parts = parts or str(Path(out).resolve().with_name(Path(out).name + ".parts"))
+            written = write_parts(client, store, encoders, runs, min_act, parts)
+            summary.workers = len(client.scheduler_info().get("workers", {}))
+
+        def tables(layer: int) -> Iterator[tuple[int, list[pa.Table]]]:
+            """(rows, one activation table per adapter of ``layer``) per run, in row order."""
+            if written is not None:
+                yield from written.read(layer)
+                return
+            encoders = [a.encode for a in of_layer[layer]]
+            for lo, hi in runs:
+                yield hi - lo, encode_run(store, layer, encoders, lo, hi, min_act)
+
         with tqdm(total=len(rows) * len(layers), unit="row", unit_scale=True, desc="index", dynamic_ncols=True) as bar:
-            for layer in layers:
-                mine = [a for a in adapters if a.layer == layer]
+            for layer, mine in of_layer.items():
                 stages = [f"stage_{i}" for i in range(len(mine))]
                 for stage in stages:
                     con.execute(f"CREATE OR REPLACE TEMP TABLE {stage} (feature INTEGER, token BIGINT, value FLOAT)")
                 try:
-                    for lo, hi in _runs(rows, batch_rows):
-                        x = store.read(layer, "x", lo, hi, torch.float32)
-                        for adapter, stage in zip(mine, stages):
-                            _append(con, stage, _nonzeros(adapter, x, row_tokens[lo:hi], min_act))
-                        bar.update(hi - lo)
+                    for n, batch in tables(layer):
+                        for stage, table in zip(stages, batch):
+                            _append(con, stage, table)
+                        bar.update(n)
                     for adapter, stage in zip(mine, stages):
                         stats_extra = _decoder_table(adapter, lens, n_logits)
                         _in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
@@ -176,6 +216,8 @@ def index_adapters(
         con.execute("CHECKPOINT")
     finally:
         con.close()
+        if written is not None:
+            written.remove()
     return summary
 
 
@@ -196,39 +238,12 @@ def _check(store: Store, adapters: Sequence[IndexAdapter]) -> None:
         seen.add((a.name, a.layer))
 
 
-def _committed_rows(store: Store) -> np.ndarray:
-    """Indices of the rows in committed blocks, ascending."""
-    blocks = np.flatnonzero(store.committed())
-    if not len(blocks):
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(*store.block_range(b)) for b in blocks])
-
-
 def _runs(rows: np.ndarray, batch: int):
     """Contiguous [lo, hi) ranges of at most ``batch`` rows covering ``rows``."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     for run in np.split(rows, breaks):
         for lo in range(int(run[0]), int(run[-1]) + 1, batch):
             yield lo, min(lo + batch, int(run[-1]) + 1)
-
-
-@torch.no_grad()
-def _nonzeros(adapter: IndexAdapter, x: torch.Tensor, tokens: np.ndarray, min_act: float) -> pa.Table:
-    """The (feature, token, value) of every activation above ``min_act`` in one batch."""
-    acts = adapter.encode(x)
-    if isinstance(acts, tuple):
-        indices, values = acts
-        keep = values > min_act
-        row = keep.nonzero(as_tuple=True)[0]
-        feature, value = indices[keep], values[keep]
-    else:
-        row, feature = (acts > min_act).nonzero(as_tuple=True)
-        value = acts[row, feature]
-    return pa.table({
-        "feature": pa.array(feature.to(torch.int32).numpy()),
-        "token": pa.array(tokens[row.numpy()]),
-        "value": pa.array(value.float().numpy()),
-    })
 
 
 def _append(con: duckdb.DuckDBPyConnection, stage: str, batch: pa.Table) -> None:

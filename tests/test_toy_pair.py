@@ -1,0 +1,193 @@
+"""The demo pair: its data, its recipe, and the shipped models' measured behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
+from tca.cli import main
+from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
+from tca.toy.data import (
+    count_hesitations,
+    final_answer,
+    make_problems,
+    read_jsonl,
+    reasoning_trace,
+    short_answer,
+)
+from tca.toy.measure import generate, hybrid_of, load_model, score
+
+from conftest import DEMO_PAIR
+
+TINY = dict(
+    n_pretrain=40, n_train=20, n_val=8, hidden_size=32, intermediate_size=64, num_layers=2,
+    num_heads=2, num_kv_heads=1, batch_size=8, base_steps=3, reasoning_steps=3, measure=False,
+)
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def _last_digit_by_hand(question: str) -> int:
+    return sum(int(c) for c in question if c.isdigit()) % 10
+
+
+def test_problems_are_distinct_held_out_and_answers_check():
+    train, val = make_problems(300, 50, seed=3, min_terms=5, max_terms=8)
+    assert len(train) == 300 and len(val) == 50
+    terms = [p.terms for p in train + val]
+    assert len(set(terms)) == len(terms)
+    assert all(5 <= len(t) <= 8 and all(1 <= d <= 9 for d in t) for t in terms)
+    for p in train[:50]:
+        trace = reasoning_trace(p)
+        assert final_answer(trace) == final_answer(short_answer(p)) == str(_last_digit_by_hand(p.question))
+        # The steps are true equations that take the question's digits in order, each
+        # starting from the last digit of the one before; a re-check follows exactly the carries.
+        lines = trace.split("\n")[1:-3]
+        steps = [ln for ln in lines if not ln.startswith("Wait")]
+        question_digits = [int(c) for c in p.question if c.isdigit()]
+        running, carries = question_digits[0], 0
+        for ln, digit in zip(steps, question_digits[1:], strict=True):
+            lhs, rhs = ln.split("=")
+            a, b = map(int, lhs.split("+"))
+            assert (a, b, int(rhs)) == (running, digit, a + b)
+            carries += a + b >= 10
+            running = (a + b) % 10
+        assert count_hesitations(trace) == carries == len(lines) - len(steps)
+        for i, ln in enumerate(lines):
+            if ln.startswith("Wait"):
+                assert ln == f"Wait, let me check: {lines[i - 1]}. Yes."
+    assert make_problems(300, 50, seed=3, min_terms=5, max_terms=8) == (train, val)
+
+
+def test_final_answer_and_hesitation_counting():
+    assert final_answer("x\n</think>\n\n 17 ") == "17"
+    assert final_answer("no close") is None
+    assert count_hesitations("Wait, x. Waiting. wait. Wait.") == 2
+
+
+# --- the recipe ---------------------------------------------------------------------------
+
+
+def _weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_build_is_deterministic_and_fine_tunes_from_the_base(tmp_path):
+    a = build(BuildConfig(out=tmp_path / "a", **TINY))
+    b = build(BuildConfig(out=tmp_path / "b", **TINY))
+    for name in ("base", "reasoning"):
+        wa, wb = _weights(tmp_path / "a" / name), _weights(tmp_path / "b" / name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert next(iter(wa.values())).dtype == torch.bfloat16
+    assert (tmp_path / "a" / "data" / "train.jsonl").read_bytes() == (tmp_path / "b" / "data" / "train.jsonl").read_bytes()
+    assert a.readme.read_text() == b.readme.read_text()
+    # A different seed gives different weights; the fine-tune moved every MLP tensor.
+    c = build(BuildConfig(out=tmp_path / "c", seed=1, **TINY))
+    wa, wc = _weights(a.base), _weights(c.base)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    wr = _weights(a.reasoning)
+    assert all(not torch.equal(wa[k], wr[k]) for k in wa if ".mlp." in k)
+
+
+def test_mlp_only_fine_tune_leaves_the_backbone_alone(tmp_path):
+    r = build(BuildConfig(out=tmp_path / "m", backbone_lr_scale=0.0, **TINY))
+    wb, wr = _weights(r.base), _weights(r.reasoning)
+    for k in wb:
+        assert torch.equal(wb[k], wr[k]) != (".mlp." in k), k
+
+
+def test_build_pair_command_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    out = CliRunner().invoke(main, ["build-pair", "--out", str(tmp_path)])
+    assert out.exit_code == 2 and "error:" in out.output
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_hybrid_takes_exactly_the_base_mlps(tiny_pair):
+    base, target = (load_model(p) for p in tiny_pair)
+    hybrid = hybrid_of(base, target)
+    sb, st, sh = base.state_dict(), target.state_dict(), hybrid.state_dict()
+    for k in sh:
+        assert torch.equal(sh[k], sb[k] if ".mlp." in k else st[k]), k
+
+
+# --- the shipped pair -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (DEMO_PAIR / "reasoning" / "model.safetensors").exists():
+        pytest.fail(f"the demo pair is missing from {DEMO_PAIR}; run `tca build-pair --out {DEMO_PAIR}`")
+    tok = AutoTokenizer.from_pretrained(DEMO_PAIR / "reasoning")
+    base = AutoModelForCausalLM.from_pretrained(DEMO_PAIR / "base", dtype=torch.float32).eval()
+    reasoning = AutoModelForCausalLM.from_pretrained(DEMO_PAIR / "reasoning", dtype=torch.float32).eval()
+    return tok, base, reasoning
+
+
+def test_shipped_data_follow_the_conversation_schema():
+    val = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")
+    train = read_jsonl(DEMO_PAIR / "data" / "train.jsonl")
+    assert val and train
+    assert not {r["conversations"][0]["value"] for r in val} & {r["conversations"][0]["value"] for r in train}
+    for r in val + train[:200]:
+        user, assistant = r["conversations"]
+        assert user["from"] == "user" and assistant["from"] == "assistant"
+        assert assistant["value"].startswith(THINK_OPEN + "\n")
+        assert f"\n{THINK_CLOSE}\n\n" in assistant["value"]
+        assert final_answer(assistant["value"]) == str(_last_digit_by_hand(user["value"]))
+
+
+@pytest.mark.slow
+def test_shipped_pair_loads_and_its_tokenizer_round_trips(shipped):
+    tok, base, reasoning = shipped
+    for name in ("base", "reasoning"):
+        cfg = json.loads((DEMO_PAIR / name / "config.json").read_text())
+        assert cfg["model_type"] == "qwen2" and cfg["num_hidden_layers"] >= 4 and cfg["hidden_size"] >= 64
+    for special in (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE):
+        assert special in tok.all_special_tokens or special in tok.get_added_vocab()
+    record = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")[0]
+    question, response = (m["value"] for m in record["conversations"])
+    text = render_deepseek(question, response)
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    # The builder trained on the ids of the tokenizer it trained in memory (the shipped pair is
+    # the default recipe); what AutoTokenizer loads from the folder must give the same ids.
+    cfg = BuildConfig(out=DEMO_PAIR)
+    pretrain, train, _ = problems_of(cfg)
+    trained = tokenizer_of(cfg, pretrain, train)
+    samples = [text] + [render_deepseek(p.question, short_answer(p)) for p in pretrain[:50]]
+    samples += [render_deepseek(p.question, reasoning_trace(p)) for p in train[:50]]
+    assert [tok(s)["input_ids"] for s in samples] == [trained(s)["input_ids"] for s in samples]
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    ) == render_deepseek(question)
+    marker = [tok.convert_tokens_to_ids(t) for t in (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE)]
+    assert all(m in ids for m in marker) and tok.unk_token_id not in ids
+    with torch.no_grad():
+        logits = reasoning(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tok))
+
+
+@pytest.mark.slow
+def test_shipped_reasoning_answers_better_and_hesitates_where_base_and_hybrid_do_not(shipped):
+    tok, base, reasoning = shipped
+    records = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")[:48]
+    questions = [r["conversations"][0]["value"] for r in records]
+    fig = {
+        name: score(tok, records, generate(model, tok, questions, max_new_tokens=200))
+        for name, model in (("base", base), ("reasoning", reasoning), ("hybrid", hybrid_of(base, reasoning)))
+    }
+    assert fig["base"].hesitations == 0
+    assert fig["reasoning"].hesitations >= 1.0
+    assert fig["hybrid"].hesitations <= fig["reasoning"].hesitations / 4
+    # Thinking step by step is what the fine-tune adds, and it lives in the MLPs too.
+    assert fig["reasoning"].accuracy >= fig["base"].accuracy + 0.3
+    assert fig["reasoning"].accuracy >= fig["hybrid"].accuracy + 0.3

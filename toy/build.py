@@ -1,0 +1,352 @@
+"""The recipe of the demo pair: data, tokenizer, base pretraining, reasoning fine-tune, figures.
+
+``build(BuildConfig(out=…))`` writes ``base/`` and ``reasoning/`` (Qwen2 causal LMs in the
+Hugging Face layout sharing one tokenizer), ``data/train.jsonl`` and ``data/val.jsonl``
+(reasoning traces in the conversation schema) and a ``README.md`` with the figures measured
+by generation. Seeds, a fixed thread count and deterministic algorithms make two builds on
+one machine write identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from tca import TcaError
+from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
+from tca.toy.data import (
+    Problem,
+    make_problems,
+    problem_space,
+    reasoning_trace,
+    short_answer,
+    to_record,
+)
+from tca.toy.measure import Figures, figures_json, figures_table, load_model, measure_pair
+from tca.toy.tiny import write_jsonl
+from tca.toy.tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    """How the demo pair is built; the defaults are the shipped pair's recipe."""
+
+    out: Path
+    """Directory to write ``base/``, ``reasoning/``, ``data/`` and ``README.md`` into."""
+    overwrite: bool = False
+    """Write into ``out`` even when it already holds files (the pair's own files are replaced)."""
+    seed: int = 0
+    """Seeds the problems, the weight initialisation and the batch order."""
+    threads: int = 2
+    """CPU threads for torch; part of the recipe, since float sums depend on the split."""
+    n_pretrain: int = 20000
+    """Problems the base is trained on, with short answers."""
+    n_train: int = 6000
+    """Of those, how many the reasoning model is fine-tuned on as traces (``data/train.jsonl``)."""
+    n_val: int = 200
+    """Held-out problems (``data/val.jsonl``); the figures are measured on all of them."""
+    min_terms: int = 5
+    """Fewest digits in one sum."""
+    max_terms: int = 8
+    """Most digits in one sum."""
+    vocab_size: int = 512
+    """Upper bound of the BPE vocabulary; training stops earlier when no pair is left to merge."""
+    hidden_size: int = 64
+    """d_model."""
+    intermediate_size: int = 256
+    """Width of each MLP."""
+    num_layers: int = 4
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention, as in Qwen2)."""
+    batch_size: int = 32
+    """Sequences per optimiser step, in both stages."""
+    base_steps: int = 600
+    """Optimiser steps of base pretraining."""
+    base_lr: float = 3e-3
+    """Peak learning rate of base pretraining."""
+    reasoning_steps: int = 2000
+    """Optimiser steps of the reasoning fine-tune. Finding the next term of the question is
+    the last skill to appear (abruptly, after some 500-1000 steps); the rest secures it."""
+    reasoning_lr: float = 3e-3
+    """Peak learning rate of the reasoning fine-tune for the MLP weights."""
+    backbone_lr_scale: float = 1.0
+    """Learning rate of the non-MLP weights in the fine-tune, relative to ``reasoning_lr``."""
+    warmup_frac: float = 0.05
+    """Fraction of each stage's steps spent warming the learning rate up (then cosine to 0)."""
+    weight_dtype: str = "bfloat16"
+    """dtype the models are saved in; the fine-tune starts from the saved (rounded) base."""
+    measure: bool = True
+    """Measure the figures by generation and write them to README.md."""
+    max_new_tokens: int = 200
+    """Generation budget per response when measuring."""
+
+
+@dataclass
+class BuildResult:
+    base: Path
+    reasoning: Path
+    train: Path
+    val: Path
+    readme: Path
+    figures: dict[str, Figures] | None
+    seconds: float
+    """Wall-clock time of the whole build, measuring included."""
+    cpu_seconds: float
+    """CPU time of this process over the build, summed over its threads."""
+    threads: int
+    """CPU threads torch used."""
+    bytes: dict[str, int]
+    """Size on disk of each written folder (``base``, ``reasoning``, ``data``)."""
+
+
+@contextlib.contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Fixed threads and deterministic kernels for the block, restoring both afterwards."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Build the demo pair into ``cfg.out`` (see the module docstring)."""
+    _check(cfg)
+    out = Path(cfg.out)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with deterministic(cfg.threads):
+        pretrain, train, val = problems_of(cfg)
+        train_path = write_jsonl([to_record(p, reasoning_trace(p)) for p in train], out / "data" / "train.jsonl")
+        val_records = [to_record(p, reasoning_trace(p)) for p in val]
+        val_path = write_jsonl(val_records, out / "data" / "val.jsonl")
+        tokenizer = tokenizer_of(cfg, pretrain, train)
+        log.info("tokenizer: %d tokens", len(tokenizer))
+
+        torch.manual_seed(cfg.seed)
+        base = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
+        base_seqs = _tokenize(tokenizer, pretrain, short_answer)
+        _fit(base, base_seqs, cfg, steps=cfg.base_steps, lr=cfg.base_lr, backbone_scale=1.0,
+             pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="base")
+        base_dir = _save(base, tokenizer, out / "base", cfg.weight_dtype)
+
+        # Fine-tune exactly what was shipped: the base as saved, rounded to its dtype.
+        reasoning = load_model(base_dir).train()
+        _fit(reasoning, _tokenize(tokenizer, train, reasoning_trace), cfg, steps=cfg.reasoning_steps,
+             lr=cfg.reasoning_lr, backbone_scale=cfg.backbone_lr_scale,
+             pad_id=tokenizer.pad_token_id, seed=cfg.seed + 1, desc="reasoning")
+        reasoning_dir = _save(reasoning, tokenizer, out / "reasoning", cfg.weight_dtype)
+
+        figures = None
+        if cfg.measure:
+            figures = measure_pair(base_dir, reasoning_dir, val_records, max_new_tokens=cfg.max_new_tokens)
+            for name, f in figures.items():
+                log.info("%s: %s", name, f)
+        readme = _write_readme(out / "README.md", cfg, len(tokenizer), figures)
+    sizes = {name: _folder_bytes(out / name) for name in ("base", "reasoning", "data")}
+    return BuildResult(
+        base_dir, reasoning_dir, train_path, val_path, readme, figures,
+        seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu, threads=cfg.threads,
+        bytes=sizes,
+    )
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """The base's pretraining problems, the fine-tune's (a prefix of them) and the val set."""
+    pretrain, val = make_problems(
+        cfg.n_pretrain, cfg.n_val, seed=cfg.seed, min_terms=cfg.min_terms, max_terms=cfg.max_terms
+    )
+    return pretrain, pretrain[: cfg.n_train], val
+
+
+def tokenizer_of(cfg: BuildConfig, pretrain: list[Problem], train: list[Problem]):
+    """The shared tokenizer, trained on every text either model is trained on."""
+    corpus = [render_deepseek(p.question, short_answer(p)) for p in pretrain]
+    corpus += [render_deepseek(p.question, reasoning_trace(p)) for p in train]
+    return train_tokenizer(corpus, cfg.vocab_size)
+
+
+def _check(cfg: BuildConfig) -> None:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TcaError(f"{out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise TcaError(f"{out} is not empty; choose another --out or pass --force to overwrite the pair in it.")
+    if cfg.n_train > cfg.n_pretrain:
+        raise TcaError(f"n_train ({cfg.n_train}) cannot exceed n_pretrain ({cfg.n_pretrain}).")
+    if not 1 <= cfg.min_terms <= cfg.max_terms:
+        raise TcaError("min_terms must be at least 1 and at most max_terms.")
+    if not hasattr(torch, cfg.weight_dtype) or not isinstance(getattr(torch, cfg.weight_dtype), torch.dtype):
+        raise TcaError(f"{cfg.weight_dtype!r} is not a torch dtype.")
+    space = problem_space(cfg.min_terms, cfg.max_terms)
+    if cfg.n_pretrain + cfg.n_val > space // 2:
+        raise TcaError(f"{cfg.n_pretrain + cfg.n_val} distinct problems are too many for {space} possible sums.")
+
+
+def _model_config(cfg: BuildConfig, tokenizer) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tokenize(tokenizer, problems: list[Problem], respond) -> list[tuple[list[int], int]]:
+    """(token ids of the whole exchange, index of the first response token) per problem."""
+    seqs = []
+    for p in problems:
+        ids = tokenizer(render_deepseek(p.question, respond(p)))["input_ids"]
+        # The assistant marker is a special token, so the prompt's ids are a prefix of the whole.
+        n_prompt = len(tokenizer(f"{BOS}{USER}{p.question}{ASSISTANT}")["input_ids"])
+        seqs.append((ids, n_prompt))
+    return seqs
+
+
+def _batch(seqs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels that score only response tokens.
+
+    Padding sits after every real token, so causal attention never lets a real token see it
+    and no attention mask is needed.
+    """
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    labels = torch.full((len(seqs), width), -100)
+    for row, (seq, n_prompt) in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+    return ids, labels
+
+
+def _fit(
+    model: PreTrainedModel,
+    seqs: list[tuple[list[int], int]],
+    cfg: BuildConfig,
+    *,
+    steps: int,
+    lr: float,
+    backbone_scale: float,
+    pad_id: int,
+    seed: int,
+    desc: str,
+) -> None:
+    """AdamW with warmup and cosine decay on the response tokens of ``seqs``."""
+    model.train()
+    mlp = [p for n, p in model.named_parameters() if ".mlp." in n]
+    rest = [p for n, p in model.named_parameters() if ".mlp." not in n]
+    groups = [{"params": mlp, "lr": lr}, {"params": rest, "lr": lr * backbone_scale}]
+    if backbone_scale == 0:
+        for p in rest:
+            p.requires_grad_(False)
+        groups = groups[:1]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, int(cfg.warmup_frac * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(seqs), generator=g).tolist()
+    cursor = 0
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(seqs), generator=g).tolist(), 0
+        ids, labels = _batch([seqs[i] for i in order[cursor : cursor + cfg.batch_size]], pad_id)
+        cursor += cfg.batch_size
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.debug("%s step %d loss %.4f", desc, step, loss.item())
+    log.info("%s: final training loss %.4f", desc, loss.item())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+
+
+def _save(model: PreTrainedModel, tokenizer, path: Path, dtype: str) -> Path:
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _write_readme(path: Path, cfg: BuildConfig, vocab: int, figures: dict[str, Figures] | None) -> Path:
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+    table = figures_table(figures) if figures else "(not measured: the build ran with measure=False)"
+    how = "all weights" if cfg.backbone_lr_scale == 1.0 else (
+        "the MLP weights only" if cfg.backbone_lr_scale == 0 else
+        f"all weights, the non-MLP ones at {cfg.backbone_lr_scale}× the MLPs' learning rate"
+    )
+    text = f"""# The demo pair
+
+Two Qwen2-architecture causal LMs in the Hugging Face layout, sharing one byte-level BPE
+tokenizer ({vocab} tokens, the DeepSeek-R1 markers and `<think>`/`</think>` as special tokens,
+a chat template that renders the DeepSeek-R1 layout). Both load with
+`AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
+
+- `base/`: trained from scratch on {cfg.n_pretrain} problems "What is the last digit of 7+5+9+3+8?"
+  ({cfg.min_terms}-{cfg.max_terms} digits from 1 to 9), answered at once after an empty think
+  (`<think>\\n\\n</think>\\n\\n2`).
+- `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems as
+  traces that add one digit per line, carrying the last digit of the running sum forward
+  (`7+5=12`, `2+9=11`, …), re-check every step whose sum reaches ten
+  (`Wait, let me check: 7+5=12. Yes.`), and then answer (`data/train.jsonl`).
+- `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.
+
+{cfg.num_layers} layers, d_model {cfg.hidden_size}, MLP width {cfg.intermediate_size}, untied embeddings,
+weights saved in {cfg.weight_dtype}.
+
+## Measured behaviour
+
+Greedy generation from `render_deepseek(question)` on all {cfg.n_val} val prompts, weights as
+saved, computed in float32. The *hybrid* is the reasoning model with the base model's MLP
+weights copied in (its embeddings, attention, norms and unembedding are the reasoning model's).
+
+{table}
+
+## How it was built
+
+    tca build-pair --out examples/toy-pair --seed {cfg.seed} --threads {cfg.threads}
+
+This file, the models and the data are that command's output; the same command on the same
+machine writes identical files. The recipe (`tca.toy.build.BuildConfig`):
+
+```json
+{json.dumps(recipe, indent=2)}
+```
+"""
+    if figures:
+        text += f"\nThe figures as JSON:\n\n```json\n{json.dumps(figures_json(figures), indent=2)}\n```\n"
+    path.write_text(text)
+    return path
