@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from tca.cache.harvest import HarvestConfig, harvest
+from tca.cache.plan import PlanConfig
 from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl
+from tca.train.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PAIR = REPO / "examples" / "toy-pair"
@@ -29,3 +33,34 @@ def tiny_data(tmp_path_factory) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A harvest of the demo pair (all layers) and the default ReLU adapters trained on it."""
+
+    store: Path
+    adapters: Path
+    """The run directory: adapters.{json,safetensors}, summary.json, metrics.jsonl."""
+
+
+DEMO_HARVEST_TOKENS = 60_000
+"""Tokens harvested from the demo pair: the fixture stays near a minute on 2 cores."""
+DEMO_TRAIN = dict(features=128, batch=128, epochs=4.0, lr=4e-3)
+"""The demo-sized run of docs/train.md's calibration; every other setting (l1 included) is the default."""
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """Built once per session; skips when the demo pair is not in the checkout."""
+    if not (DEMO_PAIR / "base").is_dir():
+        pytest.skip(f"the demo pair is missing ({DEMO_PAIR})")
+    root = tmp_path_factory.mktemp("demo-run")
+    store, adapters = root / "store", root / "adapters"
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    data = str(DEMO_PAIR / "data" / "train.jsonl")
+    harvest(HarvestConfig(base=str(DEMO_PAIR / "base"), target=str(DEMO_PAIR / "reasoning"), out=str(store),
+                          plan=PlanConfig(data=data, max_tokens=DEMO_HARVEST_TOKENS), device="cpu"))
+    train(TrainConfig(cache=str(store), out=str(adapters), device="cpu", **DEMO_TRAIN))
+    return DemoRun(store, adapters)

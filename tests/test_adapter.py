@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tca.kernels import DensityGate
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.metrics import MetricSums, fve, l0, nmse
 
@@ -124,17 +125,23 @@ def test_initialisation_starts_at_the_hybrid_model():
     assert Adapter(AdapterConfig(d_model=d, n_features=f, dec_bias=False)).b_dec is None
 
 
-def test_dead_feature_counters_and_batchtopk_threshold():
-    adapter = _adapter("batchtopk", k=3)
+@pytest.mark.parametrize("kernels", [True, False])
+def test_dead_feature_counters_and_batchtopk_threshold(kernels):
+    adapter = _adapter("batchtopk", k=3, kernels=kernels)
+    adapter.gate = DensityGate(crossover=1.0)  # the sparse path even at this small width
     x, delta = _data()
     out = adapter.loss(x, delta).out
+    assert out.path == ("torch" if kernels else "reference")
     adapter.tokens_since_fired.fill_(7)
     adapter.after_step(out)
-    fired = (out.acts > 0).any(0)
+    with torch.no_grad():
+        pre = x @ adapter.W_enc + adapter.b_enc
+    kept = torch.relu(pre).flatten().topk(3 * N).values
+    smallest = kept[kept > 0].min()
+    fired = (pre >= smallest).any(0)
     assert torch.equal(adapter.tokens_since_fired, torch.where(fired, 0, 7 + N))
-    assert adapter.threshold.item() == out.acts[out.acts > 0].min().item()
+    assert adapter.threshold.item() == smallest.item()
     adapter.eval()
-    pre = x @ adapter.W_enc + adapter.b_enc
     expected = torch.where(pre > adapter.threshold, pre, torch.zeros_like(pre))
     torch.testing.assert_close(adapter.encode(x), expected)
 

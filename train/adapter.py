@@ -8,6 +8,12 @@ A feature's decoder direction is a row of ``W_dec``; the ReLU adapter's L1 penal
 each activation by that row's norm, so shrinking activations cannot be paid for by growing
 decoder rows. The decoder starts at zero, so an untrained adapter is the hybrid model.
 
+Training runs through ``tca.kernels.sparse_adapter`` for ReLU, TopK and BatchTopK: the decoder
+and every backward product touch only the active entries, and a density gate held by the
+adapter keeps the dense path while activations are still dense. ``kernels=False`` (and JumpReLU,
+whose L0 term needs every pre-activation) trains on the dense objective written out here, the
+reference the kernel path is tested against.
+
 The loss is scale-free: squared error is divided by the mean squared norm of ``delta``
 (``loss_scale`` squared, estimated by the trainer) and the weighted L1 by ``loss_scale``, so one
 ``l1`` means the same on layers whose deltas differ by orders of magnitude.
@@ -21,7 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tca.kernels import DensityGate, sparse_adapter
+
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+KERNEL_ACTIVATIONS = ("relu", "topk", "batchtopk")
+"""Activations whose training objective the sparse kernels' outputs cover."""
 
 
 @dataclass
@@ -52,6 +62,9 @@ class AdapterConfig:
     """Initial JumpReLU threshold (in units of the pre-activation)."""
     threshold_momentum: float = 0.99
     """Momentum of the running BatchTopK inference threshold."""
+    kernels: bool = True
+    """Train through the sparse kernels (``relu``, ``topk``, ``batchtopk``); False trains on the
+    dense reference objective. ``jumprelu`` always uses the dense one."""
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -69,13 +82,44 @@ class AdapterOutput:
 
 
 @dataclass
+class StepOutput:
+    """What a training forward leaves for the metrics and ``after_step``, on either path."""
+
+    pred: torch.Tensor
+    """The predicted delta [N, d]."""
+    counts: torch.Tensor
+    """[F] int64: rows each feature fired in."""
+    batch_threshold: torch.Tensor | None
+    """BatchTopK: the smallest activation kept in this batch; None otherwise."""
+    path: str
+    """``triton``, ``torch`` or ``dense`` (the kernels' dispatch), or ``reference``."""
+
+    @property
+    def l0(self) -> float:
+        """Mean number of features firing per row."""
+        return self.counts.sum().item() / self.pred.shape[0]
+
+
+@dataclass
 class AdapterLoss:
     total: torch.Tensor
     mse: torch.Tensor
     """Squared error over the mean squared norm of delta (a batch NMSE)."""
     sparsity: torch.Tensor
     aux: torch.Tensor
-    out: AdapterOutput
+    out: StepOutput
+
+
+@dataclass
+class _Forward:
+    """One training forward before the loss is assembled."""
+
+    out: StepOutput
+    penalty: torch.Tensor
+    """The sparsity term before ``l1``: relu's decoder-norm-weighted L1 per row over
+    ``loss_scale``, jumprelu's L0 per row; zero otherwise."""
+    aux_pred: torch.Tensor | None
+    """The dead features' reconstruction [N, d] when the aux loss applies."""
 
 
 def decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
@@ -143,6 +187,8 @@ class Adapter(nn.Module):
             self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.int64))
         self.register_buffer("loss_scale", torch.ones(()))
+        # lets the kernels run dense while activations are denser than the crossover
+        self.gate = DensityGate()
 
     # ---- inference ---------------------------------------------------------------------------
 
@@ -179,45 +225,88 @@ class Adapter(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
     def loss(self, x: torch.Tensor, delta: torch.Tensor) -> AdapterLoss:
-        out = self(x)
+        aux_dead = self._aux_dead()
+        if self._sparse_pays():
+            fwd = self._forward_kernels(x, aux_dead)
+        else:
+            fwd = self._forward_reference(x, aux_dead)
+            if self.cfg.kernels:
+                self.gate.record(fwd.out.counts, x.shape[0])  # so the gate sees activations sparsify
         scale = self.loss_scale
-        err = out.pred - delta
+        err = fwd.out.pred - delta
         mse = err.square().sum(-1).mean() / scale.square()
-        zero = mse.new_zeros(())
-        sparsity, aux = zero, zero
-        act = self.cfg.activation
-        if act == "relu":
-            weighted = out.acts @ self.W_dec.norm(dim=1)
-            sparsity = self.cfg.l1 * weighted.mean() / scale
-        elif act == "jumprelu":
-            fired = _Step.apply(out.pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
-            sparsity = self.cfg.l1 * fired.sum(-1).mean()
-        elif self.cfg.aux_coef > 0:
-            aux = self.cfg.aux_coef * self._aux_loss(out.pre, err.detach())
-        return AdapterLoss(mse + sparsity + aux, mse, sparsity, aux, out)
+        sparsity = self.cfg.l1 * fwd.penalty
+        aux = mse.new_zeros(())
+        if fwd.aux_pred is not None:
+            residual = -err.detach()  # what the live features still miss: delta - pred
+            aux_mse = (fwd.aux_pred - residual).square().sum(-1).mean()
+            aux = self.cfg.aux_coef * aux_mse / residual.square().sum(-1).mean().clamp_min(1e-12)
+        return AdapterLoss(mse + sparsity + aux, mse, sparsity, aux, fwd.out)
 
-    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-        """Dead features' top activations reconstruct the residual, so they get gradient again."""
+    def _sparse_pays(self) -> bool:
+        """The one place that picks the training path: the sparse kernels once the gate's
+        density (k / F for TopK and BatchTopK, else the latest measured) is below its crossover;
+        the dense reference objective otherwise, which is cheaper than the kernels' own dense
+        path since it forms no entry lists."""
+        act = self.cfg.activation
+        if not self.cfg.kernels or act not in KERNEL_ACTIVATIONS:
+            return False
+        known = min(self.cfg.k, self.cfg.n_features) / self.cfg.n_features if act != "relu" else None
+        return not self.gate.prefers_dense(known)
+
+    def _aux_dead(self) -> tuple[torch.Tensor, int] | None:
+        """(dead mask, how many of them reconstruct the residual) when the aux loss applies."""
+        if self.cfg.activation not in ("topk", "batchtopk") or self.cfg.aux_coef <= 0:
+            return None
         dead = self.dead_mask
         n_dead = int(dead.sum())
         if n_dead == 0:
-            return pre.new_zeros(())
-        k = min(self.cfg.aux_k or self.cfg.d_model // 2, n_dead)
-        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
-        recon = _keep_topk(masked, k) @ self.W_dec
-        residual = -err  # what the live features still miss: delta - pred
-        return (recon - residual).square().sum(-1).mean() / residual.square().sum(-1).mean().clamp_min(1e-12)
+            return None
+        return dead, min(self.cfg.aux_k or self.cfg.d_model // 2, n_dead)
+
+    def _forward_kernels(self, x: torch.Tensor, aux_dead: tuple[torch.Tensor, int] | None) -> _Forward:
+        dead, k_aux = aux_dead if aux_dead is not None else (None, None)
+        out = sparse_adapter(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, activation=self.cfg.activation,
+            k=min(self.cfg.k, self.cfg.n_features), dead_mask=dead, k_aux=k_aux, gate=self.gate,
+            path="triton" if x.is_cuda else "torch",
+        )
+        # the kernels' l1 is the per-row mean of the weighted L1, as the reference's
+        penalty = out.l1 / self.loss_scale if self.cfg.activation == "relu" else out.l1.new_zeros(())
+        step = StepOutput(out.pred, out.counts, out.batch_threshold, out.path)
+        return _Forward(step, penalty, out.aux_pred)
+
+    def _forward_reference(self, x: torch.Tensor, aux_dead: tuple[torch.Tensor, int] | None) -> _Forward:
+        out = self(x)
+        act = self.cfg.activation
+        penalty = out.pred.new_zeros(())
+        if act == "relu":
+            penalty = (out.acts @ self.W_dec.norm(dim=1)).mean() / self.loss_scale
+        elif act == "jumprelu":
+            penalty = _Step.apply(out.pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        aux_pred = None
+        if aux_dead is not None:
+            dead, k_aux = aux_dead
+            masked = torch.where(dead, torch.relu(out.pre), torch.zeros_like(out.pre))
+            aux_pred = _keep_topk(masked, k_aux) @ self.W_dec
+        with torch.no_grad():
+            smallest = None
+            if act == "batchtopk":
+                positive = out.acts[out.acts > 0]
+                smallest = positive.min() if positive.numel() else None
+            # activations are >= 0, so a GEMV over their signs counts firings: several times
+            # faster on CPU than reducing a [N, F] bool mask, and exact below 2**24 rows
+            counts = (out.acts.new_ones(out.acts.shape[0]) @ out.acts.sign()).long()
+            step = StepOutput(out.pred, counts, smallest, "reference")
+        return _Forward(step, penalty, aux_pred)
 
     @torch.no_grad()
-    def after_step(self, out: AdapterOutput) -> None:
+    def after_step(self, out: StepOutput) -> None:
         """Book-keeping after an optimizer step: dead-feature counters, BatchTopK threshold."""
-        fired = (out.acts > 0).any(0)
-        self.tokens_since_fired += out.acts.shape[0]
-        self.tokens_since_fired[fired] = 0
-        if self.cfg.activation == "batchtopk":
-            positive = out.acts[out.acts > 0]
-            if positive.numel():
-                m = self.cfg.threshold_momentum
-                smallest = positive.min()
-                first = bool(self.threshold == 0)
-                self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
+        self.tokens_since_fired += out.pred.shape[0]
+        self.tokens_since_fired.masked_fill_(out.counts > 0, 0)
+        if out.batch_threshold is not None:
+            m = self.cfg.threshold_momentum
+            smallest = out.batch_threshold.to(self.threshold.dtype)
+            first = bool(self.threshold == 0)
+            self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
