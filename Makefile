@@ -27,9 +27,10 @@ PAIR := examples/toy-pair
 demo: $(STAMP)
 	rm -rf demo-out && mkdir -p demo-out
 	$(VENV)/bin/tca harvest --base $(PAIR)/base --target $(PAIR)/reasoning \
-		--data $(PAIR)/data/train.jsonl --out demo-out/store --max-tokens 100000
+		--data $(PAIR)/data/train.jsonl --out demo-out/store --max-tokens 60000
 	$(VENV)/bin/tca cache info demo-out/store
-	$(VENV)/bin/tca train --cache demo-out/store --out demo-out/adapters
+	$(VENV)/bin/tca train --cache demo-out/store --out demo-out/adapters \
+		--features 128 --batch 128 --epochs 4 --lr 4e-3   # demo-sized; see docs/train.md, Calibration
 	$(VENV)/bin/tca index --cache demo-out/store --adapters demo-out/adapters --out demo-out/index.duckdb
 	$(VENV)/bin/tca sql demo-out/index.duckdb \
 		"SELECT layer, feature, n_active, round(max, 3) AS max FROM features ORDER BY n_active DESC LIMIT 10"
