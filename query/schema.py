@@ -88,14 +88,23 @@ centre AS (
     SELECT ex.*, t.doc, t.pos, t.piece, t.region
     FROM ex JOIN tokens t ON t.token = ex.token
 ),
-ctx AS (
-    SELECT centre.rank, c.pos AS ctx_pos, c.piece AS ctx_piece,
-           CASE WHEN c.stored_row IS NULL THEN NULL ELSE coalesce(v.value, 0) END AS ctx_value
+near AS (
+    SELECT centre.rank, c.token, c.pos, c.piece, c.stored_row
     FROM centre
     JOIN tokens c ON c.doc = centre.doc AND c.pos BETWEEN centre.pos - context AND centre.pos + context
-    LEFT JOIN activations v
-        ON v.adapter = resolve_adapter(adapter) AND v.layer = layer AND v.feature = feature
-       AND v.token = c.token
+),
+-- The feature's values on the context tokens only. As a semi-join the few context tokens are the
+-- hash side and the feature's rows only probe it; a LEFT JOIN straight onto activations would
+-- build a hash table of every row of the feature (a million for a dense one at 50 M rows).
+near_values AS (
+    SELECT v.token, v.value FROM activations v
+    WHERE v.adapter = resolve_adapter(adapter) AND v.layer = layer AND v.feature = feature
+      AND v.token IN (SELECT near.token FROM near)
+),
+ctx AS (
+    SELECT near.rank, near.pos AS ctx_pos, near.piece AS ctx_piece,
+           CASE WHEN near.stored_row IS NULL THEN NULL ELSE coalesce(near_values.value, 0) END AS ctx_value
+    FROM near LEFT JOIN near_values ON near_values.token = near.token
 )
 SELECT centre.*,
        list(ctx.ctx_piece ORDER BY ctx.ctx_pos) AS context_pieces,
