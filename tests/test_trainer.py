@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 from tca.cache.store import Store
 from tca.cli import main
+from tca.kernels import DensityGate, sparse_adapter
+from tca.train import adapter as adapter_module
 from tca.train.checkpoint import load_adapters
 from tca.train.loader import ActivationLoader, LoaderConfig
 from tca.train.synthetic import SyntheticSpec, make_synthetic_store
@@ -135,8 +138,21 @@ def test_sweep_members_equal_separately_trained_runs(store_url, tmp_path):
     assert not torch.equal(other["layers.2.W_dec"], swept["layers.2.W_dec"])
 
 
-@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
-def test_killed_and_resumed_run_ends_with_the_same_weights(store_url, tmp_path, activation):
+@pytest.mark.parametrize("activation, crossover", [("relu", None), ("batchtopk", None), ("relu", 1.0)],
+                         ids=["relu", "batchtopk", "relu-sparse"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(store_url, tmp_path, monkeypatch, activation, crossover):
+    kernel_paths = []
+    if crossover is not None:
+        # a crossover no density exceeds: ReLU trains through the sparse kernels from its second
+        # step on, so the kill falls where the gate's measured density decides the path
+        monkeypatch.setattr(adapter_module, "DensityGate", functools.partial(DensityGate, crossover=crossover))
+
+        def recording(*args, **kwargs):
+            out = sparse_adapter(*args, **kwargs)
+            kernel_paths.append(out.path)
+            return out
+
+        monkeypatch.setattr(adapter_module, "sparse_adapter", recording)
     kw = dict(activation=activation, k=[4], epochs=2.0, checkpoint_every=3, dead_after_tokens=256)
     whole = train(_cfg(store_url, tmp_path / "whole", **kw))
 
@@ -147,7 +163,11 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(store_url, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(store_url, tmp_path / "killed", **kw), on_step=kill)
     assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 6
+    kernel_paths.clear()
     resumed = train(TrainConfig(cache=store_url, out=str(tmp_path / "killed"), resume=True))
+    if crossover is not None:  # every resumed step, the first included, took the sparse kernels
+        total = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"]
+        assert kernel_paths == ["torch"] * (total - 6) * len(whole["members"]) * len(SPEC.layers)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for name in a:

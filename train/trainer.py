@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tca import TcaError
 from tca.cache.models import parse_layers
+from tca.cache.ranks import Ranks
 from tca.cache.store import Store
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import (
@@ -147,9 +148,13 @@ def sweep_values(cfg: TrainConfig) -> list[tuple[str, dict]]:
 
 
 class Trainer:
-    """Holds the store, loader and members of one run; ``run`` trains to the end."""
+    """Holds the store, loader and members of one run; ``run`` trains to the end.
 
-    def __init__(self, cfg: TrainConfig):
+    With ``ranks`` of several processes it holds only this process's share of the run's
+    adapters (train/parallel.py merges the shares).
+    """
+
+    def __init__(self, cfg: TrainConfig, ranks: Ranks = Ranks()):
         self.out = Path(cfg.out)
         state = tensors = None
         if cfg.resume:
@@ -166,11 +171,15 @@ class Trainer:
                 f"{cfg.cache} was harvested from other models than the checkpoint in {self.out} "
                 f"({self.models} vs {state['models']}); resume with the store it was trained on."
             )
-        self.layers = self._layers()
-        self.device = _device(cfg.device)
+        self.run_layers = self._layers()
+        self.device = ranks.device(_device(cfg.device))
+        self.members = self._members(ranks)
+        self.layers = [layer for layer in self.run_layers if any(m.layer == layer for m in self.members)]
         self.loader = ActivationLoader(
             self.store,
-            self.layers,
+            # a row that is an outlier in any layer of the run is dropped from all, so a share
+            # of the run must read every layer to see the batches a serial run sees
+            self.run_layers if cfg.drop_outliers else self.layers,
             LoaderConfig(
                 batch=cfg.batch, seed=cfg.seed, holdout_frac=cfg.holdout_frac, drop_outliers=cfg.drop_outliers,
                 shuffle_rows=cfg.shuffle_rows, read_threads=cfg.read_threads, eval_rows=cfg.eval_rows,
@@ -180,7 +189,6 @@ class Trainer:
         steps = cfg.tokens // cfg.batch if cfg.tokens else int(cfg.epochs * self.loader.batches_per_epoch)
         self.total_steps = max(steps, 1)
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 10)
-        self.members = self._members()
         self.step, self.tokens_seen = 0, 0
         if state is not None:
             self._restore(state, tensors)
@@ -205,16 +213,20 @@ class Trainer:
         )
         return AdapterConfig(**(values | overrides))
 
-    def _members(self) -> list[Member]:
+    def _members(self, ranks: Ranks) -> list[Member]:
+        """This process's members: every ``world_size``-th of the run's (sweep value, layer) jobs."""
+        jobs = [(name, overrides, layer) for name, overrides in sweep_values(self.cfg) for layer in self.run_layers]
+        if ranks.world_size > len(jobs):
+            raise TcaError(f"WORLD_SIZE={ranks.world_size} exceeds the {len(jobs)} adapters of this run; "
+                           f"start at most {len(jobs)} processes.")
         members = []
-        for name, overrides in sweep_values(self.cfg):
-            acfg = self._adapter_config(overrides)
-            for layer in self.layers:
-                # the init depends on the seed and layer only: sweep members match separate runs
-                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
-                adapter = Adapter(acfg, gen).to(self.device)
-                opt = torch.optim.AdamW(adapter.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-                members.append(Member(name, layer, adapter, opt))
+        for name, overrides, layer in jobs[ranks.rank :: ranks.world_size]:
+            # the init depends on the seed and layer only: sweep members match separate runs,
+            # and an adapter starts alike whichever process trains it
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
+            adapter = Adapter(self._adapter_config(overrides), gen).to(self.device)
+            opt = torch.optim.AdamW(adapter.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+            members.append(Member(name, layer, adapter, opt))
         return members
 
     def _set_loss_scale(self, batch: Batch) -> None:
@@ -235,6 +247,10 @@ class Trainer:
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "config": dataclasses.asdict(self.cfg),
             "models": self.models, "store": self.cfg.cache, "optimizers": groups,
+            # the density that picks each adapter's next training path: without it a resumed
+            # run's first step would take the dense path where the uninterrupted one took
+            # the sparse kernels, and the weights would agree only to rounding
+            "gate_density": {m.key: m.adapter.gate.density for m in self.members},
         }
         return state, tensors
 
@@ -245,6 +261,7 @@ class Trainer:
             prefix = f"adapter.{m.key}."
             m.adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             restore_optimizer(f"opt.{m.key}", m.opt, tensors, state["optimizers"][m.key])
+            m.adapter.gate.density = state.get("gate_density", {}).get(m.key)
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -365,8 +382,7 @@ class Trainer:
     # ---- results -------------------------------------------------------------------------------
 
     def member_dir(self, name: str) -> Path:
-        names = {m.name for m in self.members}
-        return self.out if len(names) == 1 else self.out / name
+        return member_dir(self.out, self.cfg, name)
 
     def finish(self) -> dict:
         """Write each sweep member's adapter set and ``summary.json``; return the summary."""
@@ -396,8 +412,22 @@ class Trainer:
         return summary
 
 
+def member_dir(out: Path, cfg: TrainConfig, name: str) -> Path:
+    """Where sweep member ``name`` of a run in ``out`` is written (``out`` itself without a sweep)."""
+    return out if len(sweep_values(cfg)) == 1 else out / name
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
-    """Train (or resume) the run ``cfg`` describes and return its summary."""
+    """Train (or resume) the run ``cfg`` describes and return its summary.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process trains its share of the adapters and rank 0
+    writes the files a serial run writes (train/parallel.py).
+    """
+    ranks = Ranks.from_env()
+    if ranks.distributed:
+        from tca.train.parallel import train_share
+
+        return train_share(cfg, ranks, on_step)
     return Trainer(cfg).run(on_step)
 
 
