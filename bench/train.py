@@ -18,7 +18,7 @@ import time
 import torch
 
 from tca.cache.store import Store, decode
-from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.loader import ActivationLoader, LoaderConfig
 from tca.train.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.trainer import TrainConfig, Trainer
@@ -115,12 +115,7 @@ def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None) 
     ref_opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.0)
 
     def tca_step():
-        loss = adapter.loss(x, delta)
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        opt.step()
-        adapter.after_step(loss.out)
+        train_step(adapter, opt, x, delta)
 
     times = {"tca": [], "dense": []}
     for _ in range(repeats):  # interleaved, so load from other processes hits both alike

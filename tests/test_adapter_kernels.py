@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tca.kernels import DensityGate
-from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.adapter import Adapter, AdapterConfig, train_step
 
 D, F, N = 12, 40, 24
 
@@ -73,12 +73,7 @@ def test_short_training_run_ends_with_the_same_weights(activation, kw):
     for step in range(6):
         x, delta = _data(10 + step)
         for adapter, opt in zip((sparse, dense), opts):
-            loss = adapter.loss(x, delta)
-            opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-            opt.step()
-            adapter.after_step(loss.out)
+            loss = train_step(adapter, opt, x, delta)
             assert loss.out.path == ("torch" if adapter is sparse else "reference")
     for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -310,3 +310,16 @@ class Adapter(nn.Module):
             smallest = out.batch_threshold.to(self.threshold.dtype)
             first = bool(self.threshold == 0)
             self.threshold.copy_(smallest if first else m * self.threshold + (1 - m) * smallest)
+
+
+def train_step(adapter: Adapter, opt: torch.optim.Optimizer, x: torch.Tensor, delta: torch.Tensor,
+               grad_clip: float = 1.0) -> AdapterLoss:
+    """One optimisation step of ``adapter`` on a batch: loss, clipped gradients, update, and
+    the dead-feature and threshold bookkeeping that follows it."""
+    loss = adapter.loss(x, delta)
+    opt.zero_grad(set_to_none=True)
+    loss.total.backward()
+    torch.nn.utils.clip_grad_norm_(adapter.parameters(), grad_clip)
+    opt.step()
+    adapter.after_step(loss.out)
+    return loss

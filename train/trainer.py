@@ -24,7 +24,7 @@ from tca import TcaError
 from tca.cache.models import parse_layers
 from tca.cache.ranks import Ranks
 from tca.cache.store import Store
-from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.checkpoint import (
     AdapterSet,
     load_checkpoint,
@@ -322,12 +322,7 @@ class Trainer:
             delta = batch.delta[m.layer].to(self.device, non_blocking=True)
             for group in m.opt.param_groups:
                 group["lr"] = lr
-            loss = m.adapter.loss(x, delta)
-            m.opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            torch.nn.utils.clip_grad_norm_(m.adapter.parameters(), self.cfg.grad_clip)
-            m.opt.step()
-            m.adapter.after_step(loss.out)
+            loss = train_step(m.adapter, m.opt, x, delta, self.cfg.grad_clip)
             if logging_step:
                 sums = MetricSums(delta.shape[-1])
                 sums.add(loss.out.pred, delta)
