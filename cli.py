@@ -86,7 +86,7 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
     from pathlib import Path
 
     from tca.toy.build import BuildConfig, build  # torch-heavy; keeps `tca --help` quick
-    from tca.toy.measure import figures_json
+    from tca.train.generation import figures_json
 
     result = build(BuildConfig(out=Path(out), seed=seed, threads=threads, overwrite=force))
     data = {

@@ -13,15 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
-from tca.toy.data import (
-    count_hesitations,
-    final_answer,
-    make_problems,
-    read_jsonl,
-    reasoning_trace,
-    short_answer,
-)
-from tca.toy.measure import generate, hybrid_of, load_model, score
+from tca.toy.data import make_problems, read_jsonl, reasoning_trace, short_answer
+from tca.toy.measure import load_model
+from tca.train.generation import count_hesitations, final_answer, generate, score
+from tca.train.splice import adapted_model
 
 from conftest import DEMO_PAIR
 
@@ -69,6 +64,7 @@ def test_problems_are_distinct_held_out_and_answers_check():
 def test_final_answer_and_hesitation_counting():
     assert final_answer("x\n</think>\n\n 17 ") == "17"
     assert final_answer("no close") is None
+    assert final_answer("x</think> so \\boxed{42} done") == "42"
     assert count_hesitations("Wait, x. Waiting. wait. Wait.") == 2
 
 
@@ -113,8 +109,10 @@ def test_build_pair_command_refuses_a_non_empty_folder(tmp_path):
 
 def test_hybrid_takes_exactly_the_base_mlps(tiny_pair):
     base, target = (load_model(p) for p in tiny_pair)
-    hybrid = hybrid_of(base, target)
-    sb, st, sh = base.state_dict(), target.state_dict(), hybrid.state_dict()
+    hybrid = adapted_model(tiny_pair[1], tiny_pair[0], None)
+    sb, st = base.state_dict(), target.state_dict()
+    sh = {k.replace(".mlp.mlp.", ".mlp."): v for k, v in hybrid.state_dict().items()}
+    assert sh.keys() == st.keys()
     for k in sh:
         assert torch.equal(sh[k], sb[k] if ".mlp." in k else st[k]), k
 
@@ -181,9 +179,10 @@ def test_shipped_reasoning_answers_better_and_hesitates_where_base_and_hybrid_do
     tok, base, reasoning = shipped
     records = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")[:48]
     questions = [r["conversations"][0]["value"] for r in records]
+    hybrid = adapted_model(DEMO_PAIR / "reasoning", DEMO_PAIR / "base", None)
     fig = {
         name: score(tok, records, generate(model, tok, questions, max_new_tokens=200))
-        for name, model in (("base", base), ("reasoning", reasoning), ("hybrid", hybrid_of(base, reasoning)))
+        for name, model in (("base", base), ("reasoning", reasoning), ("hybrid", hybrid))
     }
     assert fig["base"].hesitations == 0
     assert fig["reasoning"].hesitations >= 1.0

@@ -32,7 +32,8 @@ from tca.toy.data import (
     short_answer,
     to_record,
 )
-from tca.toy.measure import Figures, figures_json, figures_table, load_model, measure_pair
+from tca.toy.measure import load_model, measure_pair
+from tca.train.generation import Figures, figures_json, figures_table
 from tca.toy.tiny import write_jsonl
 from tca.toy.tokenizer import train_tokenizer
 

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tca.cache.template import THINK_CLOSE, THINK_OPEN
 
 DOMAIN = "last-digit"
-HESITATION_WORDS = ("Wait",)
-_HESITATION_RE = re.compile(r"\b(?:" + "|".join(HESITATION_WORDS) + r")\b")
 _QUESTION = "What is the last digit of {}?"
 TERM_DIGITS = range(1, 10)
 """The digits a term may be (zero is left out: adding it is no step at all)."""
@@ -103,18 +100,6 @@ def to_record(p: Problem, response: str) -> dict:
             {"from": "assistant", "value": response},
         ],
     }
-
-
-def final_answer(response: str) -> str | None:
-    """The answer a response gives after its thinking, or None when it never closes it."""
-    if THINK_CLOSE not in response:
-        return None
-    return response.rsplit(THINK_CLOSE, 1)[1].strip()
-
-
-def count_hesitations(text: str) -> int:
-    """How many hesitation words (``Wait``) a text holds."""
-    return len(_HESITATION_RE.findall(text))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,7 +1,17 @@
 """The adapted model: the target's backbone with the base model's MLPs plus adapters.
 
-    adapted_model(target_dir, base_dir, adapters)   adapters on  -> the adapted model
-    set_adapters(model, False)                      adapters off -> the hybrid baseline
+Every MLP of the target is replaced by an ``AdaptedMLP`` whose ``mode`` picks what it computes:
+
+    adapted   MLP_base(x) + adapter(x)        the model the adapters are judged by
+    hybrid    MLP_base(x)                     the baseline: adapters off
+    target    MLP_target(x)                   only with ``keep_target=True`` (refinement,
+                                              cut-off models and exact-difference tests)
+
+``set_mode`` switches all layers or some, so the mixed models of end-to-end refinement
+("adapted below k, target from k") are one call away. Feature edits (ablate, clamp) and
+observers (attribution, the L1 term) act on the adapter's activations through
+``AdaptedMLP.acts_hooks``; edits may be limited to positions whose input token is in a set,
+which works under ``generate`` because the model's input ids are recorded by a pre-hook.
 
 Only the base model's MLP tensors are read (safetensors loads single tensors), never the
 whole base model.
@@ -9,9 +19,11 @@ whole base model.
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -19,10 +31,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tca import TcaError
-from tca.train.adapter import Adapter
+from tca.train.adapter import Adapter, decode
 from tca.train.checkpoint import AdapterSet
 
 MLP_KEY = "model.layers.{}.mlp."
+MODES = ("adapted", "hybrid", "target")
+
+ActsHook = Callable[["AdaptedMLP", torch.Tensor], "torch.Tensor | None"]
+"""Called with the layer's module and its feature activations [..., F]; a returned tensor
+replaces the activations (an edit), ``None`` leaves them (an observer)."""
 
 
 def shard_files(model_dir: str | Path) -> list[Path]:
@@ -49,18 +66,45 @@ def read_hf_tensors(model_dir: str | Path, keep: Callable[[str], bool]) -> dict[
     return out
 
 
-class AdaptedMLP(nn.Module):
-    """An MLP plus an adapter that reads the same input; ``enabled`` switches the adapter."""
+@dataclass
+class FeatureEdit:
+    """Set some features of one layer to a fixed value: 0 ablates, anything else clamps."""
 
-    def __init__(self, mlp: nn.Module, adapter: Adapter | None):
+    layer: int
+    features: list[int]
+    value: float = 0.0
+    token_ids: frozenset[int] | None = None
+    """Only at positions whose input token is one of these; None: at every position."""
+
+
+class AdaptedMLP(nn.Module):
+    """The base MLP, its adapter and (optionally) the target MLP, one of them chosen by ``mode``."""
+
+    def __init__(self, mlp: nn.Module, adapter: Adapter | None, target_mlp: nn.Module | None = None):
         super().__init__()
-        self.mlp, self.adapter, self.enabled = mlp, adapter, True
+        self.mlp, self.adapter, self.target_mlp = mlp, adapter, target_mlp
+        self.mode = "adapted"
+        self.acts_hooks: list[ActsHook] = []
+        self.input_ids: Callable[[], torch.Tensor | None] = lambda: None
+        """The ids of the tokens this forward runs on, [batch, seq] (set by ``adapted_model``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "target":
+            return self.target_mlp(x)
         out = self.mlp(x)
-        if self.adapter is None or not self.enabled:
+        if self.adapter is None or (self.mode == "hybrid" and not self.acts_hooks):
             return out
-        return out + self.adapter(x.to(self.adapter.W_enc.dtype)).pred.to(out.dtype)
+        a = self.adapter
+        xa = x.to(a.W_enc.dtype)
+        if self.mode == "adapted":
+            acts, bias = a.encode(xa), a.b_dec
+        else:  # hybrid with hooks: only what the hooks put in (clamped features) is decoded
+            acts, bias = xa.new_zeros(*x.shape[:-1], a.cfg.n_features), None
+        for hook in self.acts_hooks:
+            edited = hook(self, acts)
+            if edited is not None:
+                acts = edited
+        return out + decode(acts, a.W_dec, bias).to(out.dtype)
 
 
 def adapted_model(
@@ -68,8 +112,12 @@ def adapted_model(
     base_dir: str | Path,
     adapters: AdapterSet | dict[int, Adapter] | None,
     dtype: torch.dtype = torch.float32,
+    keep_target: bool = False,
 ) -> nn.Module:
-    """The target model with every MLP replaced by the base's MLP plus that layer's adapter."""
+    """The target model with every MLP replaced by the base's MLP plus that layer's adapter.
+
+    ``keep_target`` keeps the target's own MLPs beside them (for ``set_mode(model, "target")``).
+    """
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
     layers = model.model.layers
     base = read_hf_tensors(base_dir, lambda name: ".mlp." in name)
@@ -77,21 +125,97 @@ def adapted_model(
     bad = [layer for layer in adapters if not 0 <= layer < len(layers)]
     if bad:
         raise TcaError(f"the adapters hold layer {bad[0]}, but {target_dir} has {len(layers)} layers.")
+    d_model = model.config.hidden_size
+    wrong = [layer for layer, a in adapters.items() if a.cfg.d_model != d_model]
+    if wrong:
+        raise TcaError(
+            f"the adapter of layer {wrong[0]} reads width {adapters[wrong[0]].cfg.d_model}, "
+            f"but {target_dir} has hidden size {d_model}; it was trained on another model."
+        )
+    recorded: dict[str, torch.Tensor | None] = {"ids": None}
+
+    def record_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        recorded["ids"] = ids
+
+    model.register_forward_pre_hook(record_ids, with_kwargs=True)
     for i, layer in enumerate(layers):
         prefix = MLP_KEY.format(i)
         mlp_state = {k[len(prefix):]: v for k, v in base.items() if k.startswith(prefix)}
         if not mlp_state:
             raise TcaError(f"{base_dir} has no MLP weights for layer {i}; is it the base of {target_dir}?")
+        target_mlp = copy.deepcopy(layer.mlp) if keep_target else None
         layer.mlp.load_state_dict(mlp_state)
         adapter = adapters.get(i)
         if adapter is not None:
             adapter = adapter.to(dtype).eval()
-        layer.mlp = AdaptedMLP(layer.mlp, adapter)
+        layer.mlp = AdaptedMLP(layer.mlp, adapter, target_mlp)
+        layer.mlp.input_ids = lambda: recorded["ids"]
     return model
+
+
+def adapted_mlps(model: nn.Module) -> dict[int, AdaptedMLP]:
+    """The spliced MLPs of an adapted model by layer index."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, AdaptedMLP)}
+
+
+def set_mode(model: nn.Module, mode: str, layers: Iterable[int] | None = None) -> None:
+    """Make the given layers (all by default) compute as ``adapted``, ``hybrid`` or ``target``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    mlps = adapted_mlps(model)
+    for i in mlps if layers is None else layers:
+        if mode == "target" and mlps[i].target_mlp is None:
+            raise ValueError("the target's MLPs were not kept; load with adapted_model(..., keep_target=True)")
+        mlps[i].mode = mode
 
 
 def set_adapters(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter of an adapted model on, or off (the hybrid model)."""
-    for module in model.modules():
-        if isinstance(module, AdaptedMLP):
-            module.enabled = enabled
+    set_mode(model, "adapted" if enabled else "hybrid")
+
+
+def _edit_hook(edit: FeatureEdit) -> ActsHook:
+    features = torch.tensor(sorted(set(edit.features)), dtype=torch.long)
+
+    def hook(mlp: AdaptedMLP, acts: torch.Tensor) -> torch.Tensor:
+        idx = features.to(acts.device)
+        value = torch.full((*acts.shape[:-1], len(idx)), edit.value, dtype=acts.dtype, device=acts.device)
+        if edit.token_ids is not None:
+            ids = mlp.input_ids()
+            if ids is None:
+                raise ValueError("token-selected edits need the model's input_ids")
+            where = torch.isin(ids.to(acts.device), torch.tensor(sorted(edit.token_ids), device=acts.device))
+            value = torch.where(where[..., None], value, acts.index_select(-1, idx))
+        return acts.index_copy(-1, idx, value)
+
+    return hook
+
+
+class edits:
+    """Context manager applying feature edits to an adapted model, removed on exit.
+
+        with edits(model, [FeatureEdit(layer=2, features=[17], value=0.0)]):
+            logits = model(ids).logits
+    """
+
+    def __init__(self, model: nn.Module, feature_edits: Iterable[FeatureEdit]):
+        self.mlps = adapted_mlps(model)
+        self.hooks: list[tuple[AdaptedMLP, ActsHook]] = []
+        for edit in feature_edits:
+            mlp = self.mlps.get(edit.layer)
+            if mlp is None or mlp.adapter is None:
+                raise TcaError(f"there is no adapter at layer {edit.layer} to edit.")
+            bad = [f for f in edit.features if not 0 <= f < mlp.adapter.cfg.n_features]
+            if bad:
+                raise TcaError(f"feature {bad[0]} is out of range at layer {edit.layer} ({mlp.adapter.cfg.n_features} features).")
+            self.hooks.append((mlp, _edit_hook(edit)))
+
+    def __enter__(self):
+        for mlp, hook in self.hooks:
+            mlp.acts_hooks.append(hook)
+        return self
+
+    def __exit__(self, *exc):
+        for mlp, hook in self.hooks:
+            mlp.acts_hooks.remove(hook)
