@@ -3,6 +3,7 @@
     FVE  = 1 - sum ||pred - delta||^2 / sum ||delta - mean(delta)||^2   (centred)
     NMSE =     sum ||pred - delta||^2 / sum ||delta||^2                  (uncentred)
     L0   = mean number of nonzero features per row
+    KL   = mean over real (unpadded) positions of KL(target || model) of next-token distributions
 
 Evaluation runs over many batches, so ``MetricSums`` accumulates the sums in float64 and
 computes the ratios at the end; the one-batch functions are the same sums over one batch.
@@ -27,6 +28,15 @@ def nmse(pred: torch.Tensor, target: torch.Tensor) -> float:
     sums = MetricSums(target.shape[-1])
     sums.add(pred, target)
     return sums.nmse
+
+
+def next_token_kl(target_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over positions where ``mask`` is nonzero of KL(softmax(target) || softmax(model)),
+    in float32 (differentiable in ``logits``); divide by ``mask.sum()`` for the mean."""
+    keep = mask.bool()
+    target_logp = torch.log_softmax(target_logits[keep].float(), -1)
+    logp = torch.log_softmax(logits[keep].float(), -1)
+    return (target_logp.exp() * (target_logp - logp)).sum()
 
 
 def l0(acts: torch.Tensor) -> float:
