@@ -30,7 +30,7 @@ demo: $(STAMP)
 		--data $(PAIR)/data/train.jsonl --out demo-out/store --max-tokens 60000
 	$(VENV)/bin/tca cache info demo-out/store
 	$(VENV)/bin/tca train --cache demo-out/store --out demo-out/adapters \
-		--features 128 --batch 128 --epochs 4 --lr 4e-3   # demo-sized; see docs/train.md, Calibration
+		--device cpu   # sizes scale to the store: 128 features, batch 128, 4 epochs
 	$(VENV)/bin/tca index --cache demo-out/store --adapters demo-out/adapters --out demo-out/index.duckdb
 	$(VENV)/bin/tca sql demo-out/index.duckdb \
 		"SELECT layer, feature, n_active, round(max, 3) AS max FROM features ORDER BY n_active DESC LIMIT 10"

@@ -317,15 +317,19 @@ def report_cmd(index, layer, feature, out, all_features, adapter, k, context) ->
 @click.option("--cache", "cache_url", required=True, help="The activation store (path or fsspec URL).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory: adapters, metrics, checkpoint.")
 @click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
-@click.option("--features", default=8192, show_default=True, help="Features per adapter.")
+@click.option("--features", type=int, default=None,
+              help="Features per adapter [default: 8192 at width 3584, scaled to the store's width].")
 @click.option("--activation", type=click.Choice(["relu", "jumprelu", "topk", "batchtopk"]), default="relu",
               show_default=True)
 @click.option("--l1", default=None, help="Sparsity coefficient(s), e.g. 0.01 or a sweep 0.003,0.01,0.03 (relu, jumprelu).")
 @click.option("--k", "k_values", default="32", show_default=True, help="Active features per token, or a sweep 16,32 (topk, batchtopk).")
-@click.option("--lr", default=8e-4, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--batch", default=4096, show_default=True, help="Tokens per step.")
+@click.option("--lr", type=float, default=None,
+              help="Peak AdamW learning rate [default: 8e-4 at 8192 features, times sqrt(8192 / features)].")
+@click.option("--batch", type=int, default=None,
+              help="Tokens per step [default: 4096, less on a store too small for 256 steps per epoch].")
 @click.option("--tokens", type=int, default=None, help="Training tokens (default: --epochs passes).")
-@click.option("--epochs", default=1.0, show_default=True, help="Passes over the training rows when --tokens is not given.")
+@click.option("--epochs", type=float, default=None,
+              help="Passes over the training rows when --tokens is not given [default: 1, or enough for 1500 steps].")
 @click.option("--holdout-frac", default=0.05, show_default=True, help="Fraction of documents held out for evaluation.")
 @click.option("--no-dec-bias", is_flag=True, help="Train without a decoder bias.")
 @click.option("--drop-outliers", type=float, default=None, help="Skip rows with ||x|| above Z times the layer median.")

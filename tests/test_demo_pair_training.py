@@ -37,6 +37,8 @@ def test_default_relu_adapters_reach_the_paper_range(demo_run):
     config = json.loads((demo_run.adapters / "adapters.json").read_text())
     settings = config["train"]
     assert config["adapter"]["activation"] == "relu" and settings["drop_outliers"] is None
+    # the defaults scaled to a 60k-token store of width 64 (docs/train.md, Calibration)
+    assert (settings["features"], settings["batch"], settings["epochs"]) == (128, 128, 4.0)
     tensors = load_file(str(demo_run.adapters / "adapters.safetensors"))
     summary = json.loads((demo_run.adapters / "summary.json").read_text())
     (member,) = summary["members"].values()

@@ -222,3 +222,19 @@ def test_resume_refuses_a_store_of_other_models(store_url, tmp_path):
     res = _run("train", "--cache", other, "--out", tmp_path / "run", "--resume")
     assert res.exit_code == 2 and "other models" in res.output, res.output
     assert Trainer(TrainConfig(cache=store_url, out=str(tmp_path / "run"), resume=True)).step == 1
+
+
+def test_default_sizes_scale_from_the_papers_settings():
+    from tca.train.trainer import scaled_defaults
+
+    def sizes(d, rows, **kw):
+        c = scaled_defaults(TrainConfig(cache="s", out="o", **kw), d, rows)
+        return c.features, c.batch, c.lr, c.epochs
+
+    # the paper's 7B width on a large store: its own settings, one pass
+    assert sizes(3584, 50_000_000) == (8192, 4096, pytest.approx(8e-4), 1.0)
+    # the demo pair: 64 wide, 60k rows -> 57k training rows, 224 rows per 256 steps -> 128;
+    # 448 steps an epoch -> 4 passes for 1500 steps; lr 8e-4 * sqrt(8192 / 128) = 6.4e-3
+    assert sizes(64, 60_416) == (128, 128, pytest.approx(6.4e-3), 4.0)
+    # explicit values are kept, and --tokens leaves epochs unset
+    assert sizes(64, 60_416, features=256, batch=32, lr=1e-3, tokens=1000) == (256, 32, 1e-3, None)

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_L1 = 0.4
 """Calibrated on the demo pair: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer (docs/train.md)."""
+PAPER_D, PAPER_FEATURES, PAPER_LR, PAPER_BATCH = 3584, 8192, 8e-4, 4096
+"""The reference's settings for a 7B model (width 3584), from which the defaults scale."""
+MIN_STEPS = 1500
+"""Fewest steps an epochs-default run takes; the calibration of DEFAULT_L1 ran 1792."""
 SWEEP_PARAM = {"relu": "l1", "jumprelu": "l1", "topk": "k", "batchtopk": "k"}
 
 
@@ -54,22 +58,26 @@ class TrainConfig:
     """Directory for adapters, checkpoint, metrics.jsonl and summary.json."""
     layers: str = "all"
     """``all`` (every layer in the store) or a list like ``0,3,5-7``."""
-    features: int = 8192
-    """Features per adapter."""
+    features: int | None = None
+    """Features per adapter; None: the paper's 8192 at width 3584 scaled to the store's width
+    (the power of two nearest 8192 * d / 3584; 128 on the demo pair)."""
     activation: str = "relu"
     """relu | topk | batchtopk | jumprelu."""
     l1: list[float] = field(default_factory=lambda: [DEFAULT_L1])
     """Sparsity coefficients (relu, jumprelu); several train a sweep on the same batches."""
     k: list[int] = field(default_factory=lambda: [32])
     """Active features per row (topk, batchtopk); several train a sweep."""
-    lr: float = 8e-4
-    """Peak learning rate of AdamW."""
-    batch: int = 4096
-    """Rows (tokens) per step."""
+    lr: float | None = None
+    """Peak learning rate of AdamW; None: the paper's 8e-4 at 8192 features, scaled by
+    sqrt(8192 / features)."""
+    batch: int | None = None
+    """Rows (tokens) per step; None: 4096, or on a small store the largest power of two that
+    leaves at least 256 steps per epoch."""
     tokens: int | None = None
     """Training tokens; None: ``epochs`` passes over the training rows."""
-    epochs: float = 1.0
-    """Passes over the training rows when ``tokens`` is not given."""
+    epochs: float | None = None
+    """Passes over the training rows when ``tokens`` is not given; None: one pass, or as many
+    whole passes as make ``MIN_STEPS`` steps (L0 depends on run length; docs/train.md)."""
     holdout_frac: float = 0.05
     """Fraction of documents held out for evaluation."""
     dec_bias: bool = True
@@ -100,6 +108,19 @@ class TrainConfig:
     """Chunks read concurrently."""
     eval_rows: int = 65536
     """Held-out rows used per evaluation."""
+
+
+def scaled_defaults(cfg: TrainConfig, d_model: int, n_rows: int) -> TrainConfig:
+    """``cfg`` with every size left at None fixed from the store's width and rows, so the
+    checkpoint records concrete values and a resumed run cannot drift."""
+    features = cfg.features or max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
+    train_rows = max(1, int(n_rows * (1 - cfg.holdout_frac)))
+    batch = cfg.batch or max(8, min(PAPER_BATCH, 2 ** int(math.log2(max(train_rows // 256, 1)))))
+    lr = cfg.lr or PAPER_LR * math.sqrt(PAPER_FEATURES / features)
+    epochs = cfg.epochs
+    if epochs is None and cfg.tokens is None:
+        epochs = float(max(1, math.ceil(MIN_STEPS / max(train_rows // batch, 1))))
+    return dataclasses.replace(cfg, features=features, batch=batch, lr=lr, epochs=epochs)
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -163,8 +184,8 @@ class Trainer:
             cfg = dataclasses.replace(saved, cache=cfg.cache, device=cfg.device, resume=True)
         elif (self.out / "checkpoint").exists() or (self.out / "summary.json").exists():
             raise TcaError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out.")
-        self.cfg = cfg
         self.store = Store.open(cfg.cache)
+        self.cfg = cfg = scaled_defaults(cfg, self.store.d_model, self.store.n_rows)
         self.models = store_models(self.store)
         if state is not None and state.get("models") and self.models and state["models"] != self.models:
             raise TcaError(
