@@ -291,6 +291,10 @@ def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, 
     if existing is not None and existing.setup_complete:
         _check_resumable(existing, spec)
         log.info("resuming %s: %d of %d blocks committed", cfg.out, int(existing.committed().sum()), spec.n_blocks)
+        leftovers = existing.leftover_writes()
+        if leftovers:
+            log.info("removing %d temporary files of writes cut short by the interruption", len(leftovers))
+            existing.fs.rm(leftovers)
         return existing
     if existing is not None:
         # Killed while creating: nothing was committed, so start the store again.

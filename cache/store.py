@@ -234,6 +234,15 @@ class Store:
     def mark_setup_complete(self) -> None:
         self.update_attrs(setup_complete=True)
 
+    def leftover_writes(self) -> list[str]:
+        """Temporary files of chunk writes that a killed process never renamed into place.
+
+        Zarr writes a local chunk to ``<chunk>.<uuid>.partial`` and renames it, so after a
+        SIGKILL such files hold no readable data, only disk space; object stores write whole
+        objects and leave none.
+        """
+        return sorted(self.fs.glob(self.root.rstrip("/") + "/**/*.partial"))
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         return _split_url(self.url, self.storage_options)[0]

@@ -129,6 +129,10 @@ def _check_structure(store: Store, report: VerifyReport) -> None:
     docs = store.table("docs")
     if docs.num_rows != spec.attrs.get("n_docs") or pc.sum(docs.column("n_tokens")).as_py() != n_tokens:
         problems.append("docs.parquet does not add up to the documents and tokens of the plan.")
+    leftovers = store.leftover_writes()
+    if leftovers:
+        problems.append(f"{len(leftovers)} temporary files of interrupted chunk writes remain (e.g. "
+                        f"{leftovers[0]}); harvest again with --resume to remove them.")
     undone = int((~store.committed()).sum())
     if undone:
         problems.append(f"{undone} of {spec.n_blocks} blocks are not committed; the harvest is unfinished (resume it with --resume).")

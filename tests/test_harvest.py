@@ -194,6 +194,7 @@ def test_sigkill_at_random_points_then_resume_is_identical(tiny_pair, tmp_path):
     done = subprocess.run(harvest_argv(tiny_pair, data, out) + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     final = raw_arrays(Store.open(str(out)))
+    assert not list(out.rglob("*.partial"))  # whatever the kills left half-written is gone
     assert final.keys() == reference_arrays.keys() and n_blocks > 5
     for key, values in reference_arrays.items():
         assert np.array_equal(final[key], values), key
@@ -227,6 +228,23 @@ def test_verify_finds_damage_and_wrong_values(tiny_pair, tiny_data, tmp_path):
     assert info.exit_code == 0
     summary = json.loads(info.stdout)
     assert summary["rows"] == store.n_rows == summary["tokens"] and summary["docs"] == 24 and summary["complete"]
+
+
+def test_temporary_files_of_killed_writes_are_reported_then_removed_on_resume(tiny_pair, tiny_data, tmp_path):
+    out = tmp_path / "s"
+    store = run(tiny_pair, tiny_data, out, block_rows=128, chunk_rows=64)
+    shard = Path(store.shard_path(1, "x", 0))
+    # what zarr's local store leaves when a process dies between writing and renaming a chunk
+    leftover = shard.with_name(shard.name + ".0123abcd.partial")
+    leftover.write_bytes(b"half a chunk")
+    before = raw_arrays(store)
+    report = CliRunner().invoke(main, ["cache", "verify", str(out)])
+    assert report.exit_code == 1 and "1 temporary files of interrupted chunk writes" in report.output
+    run(tiny_pair, tiny_data, out, block_rows=128, chunk_rows=64, resume=True)
+    assert not leftover.exists()
+    assert CliRunner().invoke(main, ["cache", "verify", str(out)]).exit_code == 0
+    after = raw_arrays(Store.open(str(out)))
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
 
 
 @pytest.fixture(scope="module")
