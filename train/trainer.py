@@ -43,6 +43,9 @@ DEFAULT_L1 = 0.4
 """Calibrated on the demo pair: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer (docs/train.md)."""
 PAPER_D, PAPER_FEATURES, PAPER_LR, PAPER_BATCH = 3584, 8192, 8e-4, 4096
 """The reference's settings for a 7B model (width 3584), from which the defaults scale."""
+MAX_LR_SCALE = 8.0
+"""The default lr grows as adapters narrow, up to 6.4e-3 (128 features), the largest measured
+on the demo pair; above it short runs killed every feature."""
 MIN_STEPS = 1500
 """Fewest steps an epochs-default run takes; the calibration of DEFAULT_L1 ran 1792."""
 SWEEP_PARAM = {"relu": "l1", "jumprelu": "l1", "topk": "k", "batchtopk": "k"}
@@ -69,7 +72,7 @@ class TrainConfig:
     """Active features per row (topk, batchtopk); several train a sweep."""
     lr: float | None = None
     """Peak learning rate of AdamW; None: the paper's 8e-4 at 8192 features, scaled by
-    sqrt(8192 / features)."""
+    sqrt(8192 / features) up to 8x (6.4e-3)."""
     batch: int | None = None
     """Rows (tokens) per step; None: 4096, or on a small store the largest power of two that
     leaves at least 256 steps per epoch."""
@@ -116,7 +119,7 @@ def scaled_defaults(cfg: TrainConfig, d_model: int, n_rows: int) -> TrainConfig:
     features = cfg.features or max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
     train_rows = max(1, int(n_rows * (1 - cfg.holdout_frac)))
     batch = cfg.batch or max(8, min(PAPER_BATCH, 2 ** int(math.log2(max(train_rows // 256, 1)))))
-    lr = cfg.lr or PAPER_LR * math.sqrt(PAPER_FEATURES / features)
+    lr = cfg.lr or PAPER_LR * min(math.sqrt(PAPER_FEATURES / features), MAX_LR_SCALE)
     epochs = cfg.epochs
     if epochs is None and cfg.tokens is None:
         epochs = float(max(1, math.ceil(MIN_STEPS / max(train_rows // batch, 1))))
