@@ -324,7 +324,7 @@ def report_cmd(index, layer, feature, out, all_features, adapter, k, context) ->
 @click.option("--l1", default=None, help="Sparsity coefficient(s), e.g. 0.01 or a sweep 0.003,0.01,0.03 (relu, jumprelu).")
 @click.option("--k", "k_values", default="32", show_default=True, help="Active features per token, or a sweep 16,32 (topk, batchtopk).")
 @click.option("--lr", type=float, default=None,
-              help="Peak AdamW learning rate [default: 8e-4 at 8192 features, times sqrt(8192 / features)].")
+              help="Peak AdamW learning rate [default: 8e-4 at 8192 features, times sqrt(8192 / features), at most 6.4e-3].")
 @click.option("--batch", type=int, default=None,
               help="Tokens per step [default: 4096, less on a store too small for 256 steps per epoch].")
 @click.option("--tokens", type=int, default=None, help="Training tokens (default: --epochs passes).")
@@ -383,6 +383,154 @@ def import_cmd(checkpoint, out) -> None:
 
     aset = import_hf_reference(checkpoint, out)
     click.echo(f"wrote {out}: layers {aset.layers}, {aset.config.n_features} features")
+
+
+@main.command("eval")
+@click.option("--adapters", required=True, help="Adapter set directory to splice into the target.")
+@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@click.option("--data", required=True, help="Held-out JSONL or Parquet of conversations or texts.")
+@click.option("--max-tokens", type=int, default=100_000, show_default=True, help="Teacher-forced tokens for KL and NMSE.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
+@click.option("--batch", default=8, show_default=True, help="Documents per forward pass.")
+@click.option("--generate", "n_generate", default=0, show_default=True,
+              help="Also generate from the first N prompts of --data in each mode (0: skip).")
+@click.option("--max-new-tokens", default=512, show_default=True, help="Longest generated response.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--layers", default="all", show_default=True, help="Splice only these layers' adapters: all or 0,3,5-7.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_cmd(adapters, base, target, data, max_tokens, seq_len, batch, n_generate, max_new_tokens, dtype, device,
+             layers, as_json) -> None:
+    """Faithfulness of spliced adapters: KL, hidden-state NMSE and behaviour vs the target and the hybrid."""
+    import dataclasses
+
+    from tca.train.evaluate import EvalConfig, evaluate
+    from tca.train.generation import figures_table
+
+    report = evaluate(EvalConfig(adapters=adapters, base=base, target=target, data=data, max_tokens=max_tokens,
+                                 seq_len=seq_len, batch=batch, generate=n_generate, max_new_tokens=max_new_tokens,
+                                 dtype=dtype, device=device, layers=layers))
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    def render(d: dict) -> None:
+        f = d["faithfulness"]
+        click.echo(f"{d['adapters']}: layers {d['layers']} spliced, {d['dtype']} on {d['device']}, "
+                   f"{f['tokens']} tokens")
+        click.echo(f"KL(target || hybrid)   {f['kl_hybrid']:.4f} nats/token")
+        click.echo(f"KL(target || adapted)  {f['kl_adapted']:.4f} nats/token   gap closed {pct(f['fraction_closed'])}")
+        click.echo("| layer | NMSE hybrid | NMSE adapted |\n|---:|---:|---:|")
+        for layer, h in f["nmse_hybrid"].items():
+            click.echo(f"| {layer} | {h:.4f} | {f['nmse_adapted'][layer]:.4f} |")
+        if report.behaviour is not None:
+            r = d["recovery"]
+            click.echo(figures_table(report.behaviour))
+            ratio = "n/a" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
+            click.echo(f"accuracy gain recovered {pct(r['accuracy_gain_recovered'])}, hesitation gain recovered "
+                       f"{pct(r['hesitation_gain_recovered'])}, length adapted/target {ratio}")
+
+    emit(dataclasses.asdict(report), as_json, render)
+
+
+@main.command("intervene")
+@click.option("--adapters", required=True, help="Adapter set directory to splice into the target.")
+@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@click.option("--data", required=True, help="JSONL or Parquet of conversations: teacher-forced text and prompts.")
+@click.option("--edit", "edit_spec", required=True,
+              help="Features to set: LAYER:FEATURES[=VALUE] joined by ';', FEATURES indices and ranges. "
+                   "'2:17,40;3:5-7=4.5' ablates features 17 and 40 of layer 2 and clamps 5, 6, 7 of layer 3 "
+                   "at 4.5 (VALUE 0, the default, ablates).")
+@click.option("--mode", type=click.Choice(["adapted", "hybrid"]), default="adapted", show_default=True,
+              help="adapted: edit the adapted model (ablation: necessity); hybrid: adapters off but the clamped "
+                   "features (clamping: sufficiency).")
+@click.option("--at-tokens", default=None,
+              help="Edit only at positions whose input token is one of these (comma-separated, each one token).")
+@click.option("--measure", default="Wait", show_default=True,
+              help="Comma-separated tokens whose next-token probability mass is measured (each one token).")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Teacher-forced tokens of --data.")
+@click.option("--generate", "n_generate", default=32, show_default=True,
+              help="Generate from the first N prompts of --data before and after the edits (0: skip).")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Longest generated response.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
+@click.option("--batch", default=16, show_default=True, help="Documents or prompts per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, measure, max_tokens, n_generate,
+                  max_new_tokens, seq_len, batch, dtype, device, as_json) -> None:
+    """Ablate or clamp adapter features; p(tokens), KL, length, hesitations and accuracy before and after."""
+    import dataclasses
+
+    from tca.train.generation import figures_table
+    from tca.train.intervene import InterventionConfig, run_intervention, split_words
+
+    report = run_intervention(InterventionConfig(
+        adapters=adapters, base=base, target=target, data=data, edits=edit_spec, mode=mode,
+        at_tokens=split_words(at_tokens) if at_tokens is not None else None, measure=split_words(measure),
+        max_tokens=max_tokens, generate_n=n_generate, max_new_tokens=max_new_tokens, seq_len=seq_len, batch=batch,
+        dtype=dtype, device=device))
+
+    def render(d: dict) -> None:
+        e = report.effect
+        for edit in d["edits"]:
+            where = f" at tokens {edit['token_ids']}" if edit["token_ids"] else ""
+            click.echo(f"layer {edit['layer']} features {edit['features']} = {edit['value']:g}{where} ({d['mode']} model)")
+        ratio = f"x{e.p_after / e.p_before:.3g}" if e.p_before > 0 else "n/a"
+        click.echo(f"p({'|'.join(d['measure'])}) {e.p_before:.4g} -> {e.p_after:.4g} ({ratio}) over "
+                   f"{e.n_positions} positions; KL(before || after) {e.kl:.4g} nats/token")
+        if e.before is not None:
+            click.echo(figures_table({"before": e.before, "after": e.after}))
+
+    emit(dataclasses.asdict(report), as_json, render)
+
+
+@main.command("attribute")
+@click.option("--adapters", required=True,
+              help="Adapter set directory; NAME=DIR names it as in the index (default: the directory's name).")
+@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@click.option("--data", required=True, help="JSONL or Parquet of conversations or texts.")
+@click.option("--target-token", "token", required=True,
+              help="The token whose logit is attributed, e.g. Wait (one token of the target's tokenizer).")
+@click.option("--layers", default="all", show_default=True, help="Layers to attribute to: 'all' or 0,3,5-7.")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens of --data read.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
+@click.option("--batch", default=8, show_default=True, help="Documents per forward and backward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--index", type=click.Path(dir_okay=False), default=None,
+              help="Write the whole ranking into this index's attributions table (replacing this adapter and token's).")
+@click.option("--top", default=20, show_default=True, help="Features printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and the top features as JSON.")
+def attribute_cmd(adapters, base, target, data, token, layers, max_tokens, seq_len, batch, dtype, device, index, top,
+                  as_json) -> None:
+    """Rank adapter features by gradient x activation of a token's logit where the target predicts it."""
+    from tca.query.attribution import check_writable, write_attributions
+    from tca.train.attribute import AttributionConfig, adapter_name, run_attribution
+
+    cfg = AttributionConfig(adapters=adapters, base=base, target=target, data=data, token=token, layers=layers,
+                            max_tokens=max_tokens, seq_len=seq_len, batch=batch, dtype=dtype, device=device, top=top)
+    if index is not None:
+        check_writable(index, adapter_name(adapters)[0])
+    run = run_attribution(cfg)
+    summary = run.summary(cfg.top)
+    if index is not None:
+        summary |= {"index": index, "rows_written": write_attributions(index, run.adapter, run.token, run.result)}
+
+    def render(d: dict) -> None:
+        click.echo(f"{d['token']!r} (id {d['token_id']}): the target predicts it at {d['n_positions']} of "
+                   f"{d['n_tokens']} positions; adapter {d['adapter']}, layers {d['layers']}")
+        click.echo(f"{'rank':>4} {'layer':>5} {'feature':>7} {'score':>10} {'per pos':>9} {'active':>9}")
+        for r in d["top"]:
+            click.echo(f"{r['rank']:>4} {r['layer']:>5} {r['feature']:>7} {r['score']:>10.4g} {r['mean_score']:>9.4g} "
+                       f"{r['n_active']:>5}/{r['n_positions']}")
+        if d.get("index"):
+            click.echo(f"wrote {d['rows_written']} rows to {d['index']} (table attributions)")
+
+    emit(summary, as_json, render)
 
 
 @main.command("plot")

@@ -65,12 +65,16 @@ def read_documents(path: str | Path, fmt: str = "auto", template: str = "deepsee
     path = Path(path)
     if not path.is_file():
         raise TcaError(f"data file {path} does not exist.")
-    records = _parquet_records(path) if path.suffix == ".parquet" else _jsonl_records(path)
-    for line, record in records:
+    for line, record in read_records(path):
         kind = fmt if fmt != "auto" else _detect(record, path, line)
         text = _render(record, kind, template, tokenizer, path, line)
         source = {k: None if v is None else str(v) for k, v in record.items() if k not in _CONTENT_KEYS and _scalar(v)}
         yield Document(line=line, text=text, source=source)
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line or row, record) of a JSONL or Parquet file."""
+    return _parquet_records(path) if path.suffix == ".parquet" else _jsonl_records(path)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -111,7 +115,8 @@ def _scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _turns(record: dict, path: Path, line: int) -> list[tuple[str, str]]:
+def turns_of(record: dict, path: Path, line: int) -> list[tuple[str, str]]:
+    """The (role, text) turns of a conversation record; one sentence naming the line when malformed."""
     raw = record.get("conversations", record.get("messages"))
     if not isinstance(raw, list) or not raw:
         raise TcaError(f"{path} line {line} has no list of conversation turns.")
@@ -131,7 +136,7 @@ def _render(record: dict, kind: str, template: str, tokenizer, path: Path, line:
         if not isinstance(text, str):
             raise TcaError(f"{path} line {line} has no string field 'text'.")
         return text
-    turns = _turns(record, path, line)
+    turns = turns_of(record, path, line)
     if template == "none":
         return "\n\n".join(content for _, content in turns)
     if template == "chat":

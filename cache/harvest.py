@@ -40,6 +40,7 @@ from tca.cache.models import (
     load_model,
     load_tokenizer,
     parse_layers,
+    resolve_device,
     resolve_dtype,
 )
 from tca.cache.plan import Plan, PlanConfig, build_plan
@@ -150,14 +151,6 @@ def batch_inputs(plan: Plan, batch: Batch, pad_id: int) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(select)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TcaError("--device cuda was asked for, but no CUDA device is available.")
-    return torch.device(name)
-
-
 def harvest(cfg: HarvestConfig) -> HarvestResult:
     """Run a harvest (or resume one) and return what it wrote."""
     try:
@@ -181,7 +174,7 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
     dtype = resolve_dtype(cfg.dtype, target_src)
     ranks = Ranks.from_env()
-    device = ranks.device(_device(cfg.device))
+    device = ranks.device(resolve_device(cfg.device))
     with process_group(ranks, device):
         # Refuse a wrong --out before loading any model.
         existing = rank0_first(ranks, lambda: _open_out(cfg))

@@ -237,6 +237,17 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.path)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; one sentence when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TcaError("--device cuda was asked for, but no CUDA device is available; use --device cpu.")
+    if name not in ("cpu", "cuda"):
+        raise TcaError(f"unknown --device {name!r}; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The causal LM in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM

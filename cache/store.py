@@ -108,6 +108,14 @@ class StoreSpec:
         return -(-self.n_rows // self.block_rows)
 
     @property
+    def shard_layout(self) -> tuple[int, int]:
+        """(rows per shard, rows per chunk) of the layer arrays: ``block_rows`` and ``chunk_rows``,
+        shrunk for a store smaller than one block (a shard stays a whole number of chunks)."""
+        n = max(self.n_rows, 1)
+        chunk = min(self.chunk_rows, n)
+        return min(self.block_rows, -(-n // chunk) * chunk), chunk
+
+    @property
     def array_names(self) -> tuple[str, ...]:
         return ARRAY_NAMES if self.store_y else ARRAY_NAMES[:2]
 
@@ -186,14 +194,15 @@ class Store:
         }
         group = zarr.create_group(url, attributes=meta, storage_options=storage_options or None)
         n = max(spec.n_rows, 1)
+        shard_rows, chunk_rows = spec.shard_layout
         for layer in spec.layers:
             for name in spec.array_names:
                 group.create_array(
                     f"layers/{layer}/{name}",
                     shape=(spec.n_rows, spec.d_model),
                     dtype=storage,
-                    chunks=(min(spec.chunk_rows, n), spec.d_model),
-                    shards=(min(spec.block_rows, n), spec.d_model),
+                    chunks=(chunk_rows, spec.d_model),
+                    shards=(shard_rows, spec.d_model),
                     compressors=compressors,
                     fill_value=0,
                     attributes={"tca_encoding": encoding},
@@ -399,8 +408,7 @@ class Store:
                 values = arrays[layer][name]
                 if values.shape != (stop - start, self.spec.d_model):
                     raise ValueError(f"block {block} of layer {layer}/{name} has shape {tuple(values.shape)}")
-                data = shard_bytes(encode(values.to(self.dtype)), self.spec.block_rows, self.spec.chunk_rows,
-                                   self.spec.compressor)
+                data = shard_bytes(encode(values.to(self.dtype)), *self.spec.shard_layout, self.spec.compressor)
                 _write_whole(fs, self.shard_path(layer, name, block), data)
         self.group["_progress/committed"][block] = 1
 

@@ -175,7 +175,7 @@ def index_adapters(
     con.execute("SET enable_progress_bar = false")  # stdout is for results; tqdm reports on stderr
     written: Parts | None = None
     try:
-        _in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
+        in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
         start = time.perf_counter()
         if client is not None:
             encoders = {layer: [a.encode for a in mine] for layer, mine in of_layer.items()}
@@ -204,7 +204,7 @@ def index_adapters(
                         bar.update(n)
                     for adapter, stage in zip(mine, stages):
                         stats_extra = _decoder_table(adapter, lens, n_logits)
-                        _in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
+                        in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
                         summary.written[f"{adapter.name}/{layer}"] = con.sql(
                             "SELECT count(*) FROM activations WHERE adapter = ? AND layer = ?", params=[adapter.name, layer]
                         ).fetchall()[0][0]
@@ -335,7 +335,7 @@ def _write_tables(con, store: Store, rows: np.ndarray, row_tokens: np.ndarray) -
     )
 
 
-def _in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
+def in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
     con.execute("BEGIN TRANSACTION")
     try:
         work()

@@ -101,16 +101,18 @@ def test_refuses_existing_path_and_other_versions(tmp_path):
         Store.open(str(tmp_path / "nothing"))
 
 
+@pytest.mark.parametrize("n_rows", [64 + 21, 10, 40])
 @pytest.mark.parametrize("compressor", ["none", "zstd"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype):
+def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype, n_rows):
     """write_block encodes shards itself; zarr, writing the same rows, must produce the same
-    bytes, including a short last block (padded last chunk, absent chunks past the end)."""
+    bytes, including a short last block (padded last chunk, absent chunks past the end) and
+    stores smaller than one block or one chunk."""
     from pathlib import Path
 
     from tca.cache.store import encode
 
-    spec = StoreSpec(layers=[0], d_model=8, dtype=dtype, n_rows=64 + 21, block_rows=64, chunk_rows=16,
+    spec = StoreSpec(layers=[0], d_model=8, dtype=dtype, n_rows=n_rows, block_rows=64, chunk_rows=16,
                      compressor=compressor)
     ours, theirs = Store.create(str(tmp_path / "ours"), spec), Store.create(str(tmp_path / "zarr"), spec)
     values = torch.randn(spec.n_rows, spec.d_model).to(getattr(torch, dtype))

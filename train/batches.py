@@ -77,6 +77,12 @@ def batches_of(docs: list[list[int]], batch_size: int, pad_id: int, *, first_doc
     return out
 
 
+def token_batches(data: str | Path, tokenizer, *, seq_len: int, max_tokens: int | None, batch: int) -> list[TokenBatch]:
+    """Teacher-forced batches of ``data``, rendered and tokenized as the harvester does."""
+    docs = tokenize_documents(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+    return batches_of(docs, batch, pad_id_of(tokenizer))
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id, falling back to end-of-sentence (masked either way)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):

@@ -31,8 +31,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tca import TcaError
+from tca.cache.models import check_pair, find_model, load_tokenizer, resolve_device
 from tca.train.adapter import Adapter, decode
-from tca.train.checkpoint import AdapterSet
+from tca.train.checkpoint import AdapterSet, load_adapters
 
 MLP_KEY = "model.layers.{}.mlp."
 MODES = ("adapted", "hybrid", "target")
@@ -152,6 +153,50 @@ def adapted_model(
         layer.mlp = AdaptedMLP(layer.mlp, adapter, target_mlp)
         layer.mlp.input_ids = lambda: recorded["ids"]
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""Precisions the spliced model runs in."""
+
+
+def load_adapted(
+    adapters: str | Path | AdapterSet,
+    base: str,
+    target: str,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    keep_target: bool = False,
+    layers: list[int] | None = None,
+):
+    """The adapted model of a base/target pair (local directories or Hub ids) on ``device``, with
+    the adapters of ``layers`` (all by default). Read the data before calling this: a bad
+    dataset should fail before gigabytes of weights load."""
+    if dtype not in DTYPES:
+        raise TcaError(f"unknown --dtype {dtype!r}; use one of {list(DTYPES)}.")
+    dev = resolve_device(device)
+    base_src, target_src = find_model(base), find_model(target)
+    check_pair(base_src, target_src)
+    aset = adapters if isinstance(adapters, AdapterSet) else load_adapters(adapters)
+    chosen = aset.layers if layers is None else layers
+    missing = [layer for layer in chosen if layer not in aset.adapters]
+    if missing:
+        raise TcaError(f"{adapters} has no adapter for layer {missing[0]} (it has layers {aset.layers}).")
+    # checked before any weights load, so bad input costs nothing
+    if aset.config.d_model != target_src.d_model:
+        raise TcaError(f"{adapters} reads width {aset.config.d_model}, but {target} has hidden size "
+                       f"{target_src.d_model}; the adapters were trained on another model.")
+    beyond = [layer for layer in chosen if layer >= target_src.n_layers]
+    if beyond:
+        raise TcaError(f"{adapters} holds layer {beyond[0]}, but {target} has {target_src.n_layers} layers.")
+    model = adapted_model(target_src.path, base_src.path, {i: aset.adapters[i] for i in chosen},
+                          dtype=DTYPES[dtype], keep_target=keep_target)
+    return model.to(dev)
+
+
+def target_tokenizer(target: str):
+    """The tokenizer of the target model (a local directory or Hub id)."""
+    return load_tokenizer(find_model(target))
 
 
 def adapted_mlps(model: nn.Module) -> dict[int, AdaptedMLP]:

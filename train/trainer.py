@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from tca import TcaError
-from tca.cache.models import parse_layers
+from tca.cache.models import parse_layers, resolve_device
 from tca.cache.ranks import Ranks
 from tca.cache.store import Store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
@@ -196,7 +196,7 @@ class Trainer:
                 f"({self.models} vs {state['models']}); resume with the store it was trained on."
             )
         self.run_layers = self._layers()
-        self.device = ranks.device(_device(cfg.device))
+        self.device = ranks.device(resolve_device(cfg.device))
         self.members = self._members(ranks)
         self.layers = [layer for layer in self.run_layers if any(m.layer == layer for m in self.members)]
         self.loader = ActivationLoader(
@@ -448,16 +448,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 
         return train_share(cfg, ranks, on_step)
     return Trainer(cfg).run(on_step)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TcaError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
-    if name not in ("cpu", "cuda"):
-        raise TcaError(f"unknown --device {name!r}; use auto, cpu or cuda.")
-    return torch.device(name)
 
 
 def _eval_summary(record: dict) -> dict:

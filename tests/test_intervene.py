@@ -1,0 +1,312 @@
+"""Feature interventions against independent computations: zeroed decoder rows, hand-computed
+MLP outputs, per-position logits, greedy decoding without a cache, and a direct softmax."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tca import TcaError
+from tca.cache.template import render_deepseek
+from tca.cli import main
+from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.checkpoint import AdapterSet, save_adapters
+from tca.train.generation import generate, questions_of, score
+from tca.train.intervene import (
+    intervention_effect,
+    parse_edits,
+    single_token_ids,
+    token_probability,
+)
+from tca.train.batches import token_batches
+from tca.train.splice import FeatureEdit, adapted_model, edits, set_mode
+
+D, F, LAYERS = 64, 16, (0, 1, 2, 3)
+
+
+def random_set(seed: int = 0) -> AdapterSet:
+    """Adapters on every layer with nonzero decoders, a few features firing per token."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = AdapterConfig(d_model=D, n_features=F)
+    adapters = {}
+    for layer in LAYERS:
+        ad = Adapter(cfg)
+        with torch.no_grad():
+            ad.W_enc.copy_(torch.randn(D, F, generator=g) / D**0.5)
+            ad.b_enc.fill_(-0.5)
+            ad.W_dec.copy_(torch.randn(F, D, generator=g) * 0.2)
+            ad.b_dec.copy_(torch.randn(D, generator=g) * 0.05)
+        adapters[layer] = ad.eval()
+    return AdapterSet(adapters, cfg)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_pair, tiny_data, tmp_path_factory):
+    base, target = tiny_pair
+    aset = random_set()
+    # Feature 3 of layer 1 fires at every position, so ablating it must change the logits.
+    aset.adapters[1].b_enc.data[3] = 3.0
+    path = save_adapters(tmp_path_factory.mktemp("intervene") / "adapters", aset)
+    tok = AutoTokenizer.from_pretrained(target)
+    batches = token_batches(str(tiny_data), tok, seq_len=64, max_tokens=500, batch=4)
+    records = [json.loads(line) for line in tiny_data.read_text().splitlines()]
+    return {"base": base, "target": target, "aset": aset, "path": path, "tok": tok, "batches": batches,
+            "records": records, "data": tiny_data}
+
+
+def _model(world, aset=None):
+    return adapted_model(world["target"], world["base"], aset or world["aset"])
+
+
+@torch.no_grad()
+def _logits(model, batch):
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def _base_mlp(world, layer):
+    return AutoModelForCausalLM.from_pretrained(world["base"]).model.layers[layer].mlp
+
+
+def _capture(model, layer):
+    """The (input, output) of one layer's MLP at the next forward."""
+    seen = {}
+
+    def hook(_module, args, out):
+        seen["x"], seen["out"] = args[0].detach(), out.detach()
+
+    return seen, model.model.layers[layer].mlp.register_forward_hook(hook)
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+def test_parse_edits_reads_the_documented_syntax():
+    got = parse_edits("2:17,40;3:5-7=4.5 ; 0:1=-2", frozenset({9}))
+    want = [FeatureEdit(2, [17, 40], 0.0, frozenset({9})), FeatureEdit(3, [5, 6, 7], 4.5, frozenset({9})),
+            FeatureEdit(0, [1], -2.0, frozenset({9}))]
+    assert got == want
+
+
+@pytest.mark.parametrize("spec", ["", "2", "2:", "x:1", "2:7-5", "2:1=abc", "2:1,,", "2:-1", "2:1;;3"])
+def test_parse_edits_refuses_bad_syntax(spec):
+    with pytest.raises(TcaError):
+        parse_edits(spec)
+
+
+def test_single_token_ids(world):
+    tok = world["tok"]
+    assert single_token_ids(tok, [" Wait", " So"]) == [tok.convert_tokens_to_ids("ĠWait"), tok.convert_tokens_to_ids("ĠSo")]
+    with pytest.raises(TcaError, match="not a single token"):
+        single_token_ids(tok, ["Wait"])  # no leading space: two tokens in this vocabulary
+
+
+# ---- the edits ---------------------------------------------------------------------------------
+
+
+def test_ablation_equals_removing_the_decoder_row(world):
+    layer, f = 1, 3
+    model = _model(world)
+    removed = copy.deepcopy(world["aset"])
+    removed.adapters[layer].W_dec.data[f] = 0
+    reference = _model(world, removed)
+    for batch in world["batches"]:
+        plain = _logits(model, batch)
+        with edits(model, [FeatureEdit(layer, [f])]):
+            ablated = _logits(model, batch)
+        want = _logits(reference, batch)
+        torch.testing.assert_close(ablated, want, rtol=1e-5, atol=1e-5)
+        real = batch.attention_mask.bool()
+        assert (plain - ablated).abs().amax(-1)[real].min() > 1e-4  # the feature fires everywhere: every logit moves
+
+
+@pytest.mark.parametrize("mode", ["adapted", "hybrid"])
+def test_clamp_sets_the_activation(world, mode):
+    layer, f, value = 2, 5, 2.5
+    model = _model(world)
+    set_mode(model, mode)
+    ad = world["aset"].adapters[layer]
+    base_mlp = _base_mlp(world, layer)
+    batch = world["batches"][0]
+    seen, handle = _capture(model, layer)
+    others = {i: _capture(model, i) for i in LAYERS if i != layer}
+    with edits(model, [FeatureEdit(layer, [f], value)]):
+        _logits(model, batch)
+    handle.remove()
+    with torch.no_grad():
+        x = seen["x"]
+        if mode == "adapted":
+            acts = torch.relu(x @ ad.W_enc + ad.b_enc)
+            acts[..., f] = value
+            want = base_mlp(x) + acts @ ad.W_dec + ad.b_dec
+        else:  # the hybrid adds value * W_dec[f] and nothing else, on this layer only
+            want = base_mlp(x) + value * ad.W_dec[f]
+        torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+        if mode == "hybrid":
+            for i, (other, h) in others.items():
+                h.remove()
+                torch.testing.assert_close(other["out"], _base_mlp(world, i)(other["x"]), rtol=1e-5, atol=1e-6)
+
+
+def test_token_restricted_edits_change_only_those_positions(world):
+    tok = world["tok"]
+    (so,) = single_token_ids(tok, [" So"])
+    model = _model(world)
+    for layer in (3, 0):
+        edit = FeatureEdit(layer, [2, 7], 3.0, frozenset({so}))
+        for batch in world["batches"]:
+            plain = _logits(model, batch)
+            with edits(model, [edit]):
+                edited = _logits(model, batch)
+            moved = (plain - edited).abs().amax(-1)
+            real = batch.attention_mask.bool()
+            hit = (batch.input_ids == so) & real
+            assert hit.any()
+            if layer == 3:  # the last layer: only the edited positions themselves can change
+                assert moved[hit].min() > 1e-4
+                assert moved[real & ~hit].max() == 0
+            else:  # earlier layers reach later positions through attention, never earlier ones
+                before_first = torch.cumsum(hit.int(), 1) == 0
+                assert moved[real & before_first].max() == 0
+                assert moved[hit].min() > 1e-4
+
+
+def test_edits_apply_under_generate(world):
+    """Cached generation with a token-restricted clamp equals greedy decoding without a cache."""
+    tok, model = world["tok"], _model(world)
+    records = world["records"][:2]
+    evens = frozenset(range(0, len(tok), 2))
+    chosen = [FeatureEdit(1, [0, 4], 6.0, evens), FeatureEdit(3, [9], 4.0)]
+    n_new = 6
+    plain = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
+    with edits(model, chosen):
+        cached = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
+        for question, got in zip(questions_of(records), cached):
+            ids = tok(render_deepseek(question), add_special_tokens=False)["input_ids"]
+            response = []
+            with torch.no_grad():
+                for _ in range(n_new):
+                    nxt = int(model(torch.tensor([ids + response])).logits[0, -1].argmax())
+                    if nxt == tok.eos_token_id:
+                        break
+                    response.append(nxt)
+            assert got == response
+    assert cached != plain  # the edits change what is generated
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def _direct_probability(model, world, token_ids):
+    """Each document alone, unpadded: the mean over its positions of softmax mass on token_ids."""
+    total = count = 0
+    with torch.no_grad():
+        for batch in world["batches"]:
+            for row, mask in zip(batch.input_ids, batch.attention_mask):
+                ids = row[mask.bool()][None]
+                probs = torch.softmax(model(ids).logits[0].double(), -1)
+                total += probs[:, token_ids].sum().item()
+                count += ids.shape[1]
+    return total / count
+
+
+def test_token_probability_is_the_mean_softmax_mass(world):
+    model = _model(world)
+    ids = single_token_ids(world["tok"], [" Wait", " So"])
+    assert token_probability(model, world["batches"], ids) == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+
+
+def test_intervention_effect_before_and_after(world):
+    model, tok = _model(world), world["tok"]
+    ids = single_token_ids(tok, [" Wait"])
+    chosen = [FeatureEdit(1, [3]), FeatureEdit(2, [1], 5.0)]
+    records = world["records"][:3]
+    effect = intervention_effect(model, tok, world["batches"], records, chosen, "adapted", ids, 3, 5, batch_size=2)
+    assert effect.p_before == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+    with edits(model, chosen):
+        assert effect.p_after == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+        after = score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5, batch_size=2))
+    assert effect.p_after != pytest.approx(effect.p_before, rel=1e-3)
+    assert effect.after == after
+    assert effect.before == score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5))
+    # KL(before || after) per position, computed on each document alone
+    kl = n = 0
+    with torch.no_grad():
+        for batch in world["batches"]:
+            for row, mask in zip(batch.input_ids, batch.attention_mask):
+                x = row[mask.bool()][None]
+                p = torch.log_softmax(model(x).logits[0].double(), -1)
+                with edits(model, chosen):
+                    q = torch.log_softmax(model(x).logits[0].double(), -1)
+                kl += (p.exp() * (p - q)).sum().item()
+                n += x.shape[1]
+    assert effect.n_positions == n
+    assert effect.kl == pytest.approx(kl / n, rel=1e-4)
+
+    set_mode(model, "hybrid", [2])
+    intervention_effect(model, tok, world["batches"], [], chosen, "hybrid", ids, 0, 1)
+    assert [model.model.layers[i].mlp.mode for i in LAYERS] == ["adapted", "adapted", "hybrid", "adapted"]
+
+
+def test_hybrid_clamp_effect_is_the_clamped_hybrid(world):
+    model, tok = _model(world), world["tok"]
+    ids = single_token_ids(tok, [" So"])
+    chosen = [FeatureEdit(2, [4], 8.0)]
+    effect = intervention_effect(model, tok, world["batches"], [], chosen, "hybrid", ids, 0, 1)
+    set_mode(model, "hybrid")
+    assert effect.p_before == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+    with edits(model, chosen):
+        assert effect.p_after == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+    assert effect.p_after != pytest.approx(effect.p_before, rel=1e-3)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _args(world, *extra):
+    return ["intervene", "--adapters", world["path"], "--base", world["base"], "--target", world["target"],
+            "--data", world["data"], "--device", "cpu", "--max-tokens", 300, "--batch", 4, "--measure", " Wait", *extra]
+
+
+def test_cli_intervene_json(world):
+    res = _run(*_args(world, "--edit", "1:3;2:1=5", "--measure", " Wait, So", "--at-tokens", " So",
+                      "--generate", 2, "--max-new-tokens", 4, "--json"))
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    (so,) = single_token_ids(world["tok"], [" So"])
+    assert out["edits"] == [
+        {"layer": 1, "features": [3], "value": 0.0, "token_ids": [so]},
+        {"layer": 2, "features": [1], "value": 5.0, "token_ids": [so]},
+    ]
+    effect = out["effect"]
+    assert out["measure"] == [" Wait", " So"] and effect["before"]["n"] == 2
+    model = _model(world)
+    batches = token_batches(str(world["data"]), world["tok"], seq_len=1024, max_tokens=300, batch=4)
+    ids = single_token_ids(world["tok"], [" Wait", " So"])
+    assert effect["p_before"] == pytest.approx(token_probability(model, batches, ids), rel=1e-5)
+    with edits(model, parse_edits("1:3;2:1=5", frozenset({so}))):
+        assert effect["p_after"] == pytest.approx(token_probability(model, batches, ids), rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--edit", "1:3=x"], "is not a number"),
+    (["--edit", "1;2"], "cannot read the edit"),
+    (["--edit", f"1:{F}"], f"feature {F} is out of range"),
+    (["--edit", "7:1"], "no adapter at layer 7"),
+    (["--edit", "1:3", "--measure", "Wait"], "not a single token"),
+    (["--edit", "1:3", "--at-tokens", "zzqq"], "not a single token"),
+])
+def test_cli_intervene_bad_input(world, extra, message):
+    res = _run(*_args(world, *extra, "--generate", 0))
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == errors[0]  # one line, the last one (model loading logs above)
