@@ -16,6 +16,7 @@ from tca.cache.template import render_deepseek
 from tca.cli import main
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, save_adapters
+from tca.train.evaluate import mode as computing_as
 from tca.train.generation import generate, questions_of, score
 from tca.train.intervene import (
     intervention_effect,
@@ -218,6 +219,30 @@ def test_token_probability_is_the_mean_softmax_mass(world):
     model = _model(world)
     ids = single_token_ids(world["tok"], [" Wait", " So"])
     assert token_probability(model, world["batches"], ids) == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
+
+
+def test_probability_at_the_positions_a_model_predicts_the_token(world):
+    from tca.train.intervene import predicted_positions
+
+    model = adapted_model(world["target"], world["base"], world["aset"], keep_target=True)
+    with computing_as(model, "target"), torch.no_grad():
+        # a random target predicts few words; take the one it predicts most, and one other
+        predicted = torch.cat([_logits(model, b).argmax(-1)[b.attention_mask.bool()] for b in world["batches"]])
+    ids = [int(predicted.mode().values), single_token_ids(world["tok"], [" Wait"])[0]]
+    with computing_as(model, "target"):
+        positions = predicted_positions(model, world["batches"], ids)
+    total = count = 0
+    with torch.no_grad():
+        for batch in world["batches"]:
+            for row, mask in zip(batch.input_ids, batch.attention_mask):
+                x = row[mask.bool()][None]
+                with computing_as(model, "target"):
+                    chosen = torch.isin(model(x).logits[0].argmax(-1), torch.tensor(ids))
+                probs = torch.softmax(model(x).logits[0].double(), -1)[chosen]
+                total += probs[:, ids].sum().item()
+                count += int(chosen.sum())
+    assert count > 0 and sum(int(p.sum()) for p in positions) == count
+    assert token_probability(model, world["batches"], ids, positions) == pytest.approx(total / count, rel=1e-5)
 
 
 def test_intervention_effect_before_and_after(world):

@@ -37,8 +37,7 @@ from tca.cache.models import parse_layers
 from tca.train.batches import TokenBatch
 from tca.train.batches import token_batches
 from tca.train.intervene import forward_logits, single_token_ids
-from tca.train.splice import load_adapted, target_tokenizer
-from tca.train.splice import AdaptedMLP, adapted_mlps, set_mode
+from tca.train.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -110,11 +110,25 @@ def _mass(logits: torch.Tensor, mask: torch.Tensor, token_ids: list[int]) -> flo
 
 
 @torch.no_grad()
-def token_probability(model: nn.Module, batches: list[TokenBatch], token_ids: list[int]) -> float:
-    """Mean over real (unpadded) positions of the next-token probability mass on ``token_ids``,
-    teacher-forced on ``batches``."""
-    total = sum(_mass(forward_logits(model, b), b.attention_mask, token_ids) for b in batches)
-    return total / sum(b.n_tokens for b in batches)
+def token_probability(model: nn.Module, batches: list[TokenBatch], token_ids: list[int],
+                      positions: list[torch.Tensor] | None = None) -> float:
+    """Mean over real (unpadded) positions, or over ``positions`` (one [B, T] mask per batch), of
+    the next-token probability mass on ``token_ids``, teacher-forced on ``batches``."""
+    masks = positions if positions is not None else [b.attention_mask for b in batches]
+    total = sum(_mass(forward_logits(model, b), m, token_ids) for b, m in zip(batches, masks, strict=True))
+    return total / max(sum(int(m.sum()) for m in masks), 1)
+
+
+@torch.no_grad()
+def predicted_positions(model: nn.Module, batches: list[TokenBatch], token_ids: list[int]) -> list[torch.Tensor]:
+    """Per batch, the real positions where ``model`` (in its current mode) predicts one of
+    ``token_ids`` greedily, as a [B, T] bool mask on the CPU."""
+    ids = torch.tensor(token_ids)
+    masks = []
+    for b in batches:
+        predicted = forward_logits(model, b).argmax(-1).cpu()
+        masks.append(torch.isin(predicted, ids) & b.attention_mask.bool())
+    return masks
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""The hesitation study on the demo pair, its figures re-derived independently (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tca.cache.store import Store
+from tca.cli import main
+from tca.train.generation import generate, questions_of, score
+from tca.train.evaluate import mode, prompt_records
+from tca.train.splice import FeatureEdit, edits, load_adapted
+
+from conftest import DEMO_PAIR
+
+pytestmark = pytest.mark.slow
+
+VAL = DEMO_PAIR / "data" / "val.jsonl"
+PROMPTS, NEW_TOKENS = 40, 150
+
+
+@pytest.fixture(scope="module")
+def study(demo_run, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("study")
+    index = root / "demo.duckdb"
+    ok = CliRunner().invoke(main, ["index", "--cache", str(demo_run.store), "--adapters", f"demo={demo_run.adapters}",
+                                   "--out", str(index)])
+    assert ok.exit_code == 0, ok.output
+    res = CliRunner().invoke(main, [
+        "study", "hesitation", "--adapters", f"demo={demo_run.adapters}", "--base", str(DEMO_PAIR / "base"),
+        "--target", str(DEMO_PAIR / "reasoning"), "--data", str(VAL), "--index", str(index), "--out", str(root / "out"),
+        "--prompts", str(PROMPTS), "--max-new-tokens", str(NEW_TOKENS), "--max-features", "16",
+        "--attribution-tokens", "6000", "--clamp-scales", "0.5,1", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    return {"report": json.loads(res.stdout), "index": index, "out": root / "out", "run": demo_run}
+
+
+def test_candidates_are_the_index_ranking_joined_with_feature_statistics(study):
+    report, index = study["report"], study["index"]
+    with duckdb.connect(str(index), read_only=True) as con:
+        ranked = con.execute("SELECT layer, feature, score FROM attributions WHERE adapter = 'demo' AND token = 'Wait' "
+                             "AND score > 0 ORDER BY score DESC, layer, feature LIMIT 16").fetchall()
+        means = dict(((l, f), m) for l, f, m in con.execute("SELECT layer, feature, mean FROM features WHERE adapter = 'demo'").fetchall())
+    got = [(c["layer"], c["feature"], c["score"]) for c in report["candidates"]]
+    assert [(l, f) for l, f, _ in got] == [(l, f) for l, f, _ in ranked] and len(got) > 0
+    assert all(c["mean"] == pytest.approx(means[(c["layer"], c["feature"])]) for c in report["candidates"])
+
+
+def test_before_word_share_against_numpy_over_the_store(study):
+    """The share of a candidate's indexed activations that sit just before a 'Wait' token."""
+    c = study["report"]["candidates"][0]
+    with duckdb.connect(str(study["index"]), read_only=True) as con:
+        tokens = con.execute("SELECT token FROM activations WHERE adapter = 'demo' AND layer = ? AND feature = ?",
+                             [c["layer"], c["feature"]]).fetchnumpy()["token"]
+    pieces = np.array(Store.open(str(study["run"].store)).table("tokens").column("piece").to_pylist(), dtype=object)
+    following = pieces[np.minimum(tokens + 1, len(pieces) - 1)]
+    share = np.mean([p.strip() == "Wait" for p in following])
+    assert c["before_word"] == pytest.approx(share) and c["n_active"] == len(tokens)
+
+
+def test_trials_equal_generation_with_the_same_edits(study):
+    report = study["report"]
+    model = load_adapted(study["run"].adapters, str(DEMO_PAIR / "base"), str(DEMO_PAIR / "reasoning"), device="cpu",
+                         keep_target=True)
+    from tca.train.splice import target_tokenizer
+
+    tok = target_tokenizer(str(DEMO_PAIR / "reasoning"))
+    records = prompt_records(VAL, PROMPTS)
+    questions = questions_of(records)
+
+    def figures(name, feature_edits):
+        with mode(model, name), edits(model, feature_edits):
+            return score(tok, records, generate(model, tok, questions, max_new_tokens=NEW_TOKENS))
+
+    for name in ("target", "hybrid", "adapted"):
+        assert figures(name, []).__dict__ == report["baseline"][name]
+    last = report["necessity"][-1]
+    assert figures("adapted", [FeatureEdit(l, [f]) for l, f in last["features"]]).__dict__ == last["figures"]
+    clamp = report["sufficiency"][0]
+    mean = {(c["layer"], c["feature"]): c["mean"] for c in report["candidates"]}
+    clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)]) for l, f in clamp["features"]]
+    assert figures("hybrid", clamps).__dict__ == clamp["figures"]
+    # the verdict's arithmetic
+    adapted = report["baseline"]["adapted"]
+    if report["necessary"]:
+        assert report["hesitation_cut"] == pytest.approx(1 - last["figures"]["hesitations"] / adapted["hesitations"])
+        assert len(report["hesitation_features"]) == last["n_features"]
+        assert report["fraction_of_features"] == pytest.approx(last["n_features"] / report["total_features"])
+        control = report["control"]
+        assert control["n_features"] == last["n_features"]
+        assert not {tuple(x) for x in control["features"]} & {tuple(x) for x in last["features"]}
+    assert report["total_features"] == 4 * 128
+    assert [t["n_features"] for t in report["necessity"]] == [1, 2, 4, 8, 16][: len(report["necessity"])]
+
+
+def test_report_files(study):
+    out = study["out"]
+    assert json.loads((out / "study.json").read_text())["adapter"] == "demo"
+    md = (out / "study.md").read_text()
+    assert "## Verdict" in md and "necessity.png" in md
+    for png in ("necessity.png", "sufficiency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_refuses_an_adapter_name_the_index_lacks(study, tmp_path):
+    index = tmp_path / "copy.duckdb"
+    shutil.copy(study["index"], index)
+    res = CliRunner().invoke(main, [
+        "study", "hesitation", "--adapters", f"other={study['run'].adapters}", "--base", str(DEMO_PAIR / "base"),
+        "--target", str(DEMO_PAIR / "reasoning"), "--data", str(VAL), "--index", str(index), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and res.output.count("\n") == 1
