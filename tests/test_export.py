@@ -116,7 +116,7 @@ def test_hf_reference_export_reproduces_the_adapted_model(tiny_pair, tmp_path, d
             assert torch.equal(a.b_dec, b.b_dec)
 
 
-def test_transcoder_export_writes_each_layer_in_tca_orientation(tmp_path):
+def test_transcoder_export_writes_circuit_tracers_layout(tmp_path):
     aset = _adapter_set(tmp_path / "adapters", dec_bias=False)
     res = _run("export", tmp_path / "adapters", "--format", "transcoder", "--out", tmp_path / "tc")
     assert res.exit_code == 0, res.output
@@ -125,10 +125,13 @@ def test_transcoder_export_writes_each_layer_in_tca_orientation(tmp_path):
     for layer in LAYERS:
         t = load_file(str(tmp_path / "tc" / f"layer_{layer}.safetensors"))
         a = aset.adapters[layer]
-        assert torch.equal(t["W_enc"], a.W_enc) and torch.equal(t["W_dec"], a.W_dec)
+        assert t["W_enc"].shape == t["W_dec"].shape == (F, D)
+        assert torch.equal(t["W_enc"], a.W_enc.T) and torch.equal(t["W_dec"], a.W_dec)
         assert torch.equal(t["b_enc"], a.b_enc) and not t["b_dec"].any()
         x = torch.randn(5, D)
-        torch.testing.assert_close(torch.relu(x @ t["W_enc"] + t["b_enc"]) @ t["W_dec"] + t["b_dec"], a(x).pred)
+        # SingleLayerTranscoder: encode = act(F.linear(x, W_enc, b_enc)), decode = acts @ W_dec + b_dec
+        acts = torch.relu(torch.nn.functional.linear(x, t["W_enc"], t["b_enc"]))
+        torch.testing.assert_close(acts @ t["W_dec"] + t["b_dec"], a(x).pred)
 
 
 def test_export_and_import_refuse_bad_input(tiny_pair, tmp_path):

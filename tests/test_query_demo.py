@@ -40,7 +40,7 @@ def demo(demo_run, tmp_path_factory) -> dict:
     w = load_file(str(Path(exported) / f"layer_{LAYER}.safetensors"))
     store = Store.open(str(demo_run.store))
     x = store.read(LAYER, "x", 0, store.n_rows).float().numpy()
-    acts = np.maximum(x @ w["W_enc"].astype(np.float32) + w["b_enc"].astype(np.float32), 0)
+    acts = np.maximum(x @ w["W_enc"].T.astype(np.float32) + w["b_enc"].astype(np.float32), 0)
     return {"index": index, "acts": acts, "row_tokens": store.row_tokens(),
             "tokens": store.table("tokens").to_pydict(), "n_rows": store.n_rows}
 

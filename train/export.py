@@ -13,9 +13,11 @@ for every layer (zeros where there is no adapter, so those layers compute the ba
 ``architectures = ["Qwen2ForCausalLMWithTranscoder"]``, ``transcoder_n_features`` and
 ``transcoder_dec_bias`` in config.json. ``import_hf_reference`` reads it back.
 
-``transcoder``: one ``layer_<L>.safetensors`` per layer with ``W_enc`` [d, F], ``W_dec`` [F, d],
-``b_enc`` [F], ``b_dec`` [d] (tca's orientation: ``acts = act(x @ W_enc + b_enc)``,
-``out = acts @ W_dec + b_dec``) and a ``config.json`` naming the activation and files.
+``transcoder``: one ``layer_<L>.safetensors`` per layer in circuit-tracer's per-layer transcoder
+layout (``SingleLayerTranscoder``): ``W_enc`` [F, d] (``acts = act(x @ W_enc.T + b_enc)``, i.e.
+tca's ``W_enc`` transposed), ``W_dec`` [F, d] (``out = acts @ W_dec + b_dec``), ``b_enc`` [F],
+``b_dec`` [d], plus ``activation_function.threshold`` [F] (JumpReLU, BatchTopK's inference
+threshold) or ``k`` (TopK); and a ``config.json`` naming the activation, hooks and files.
 """
 
 from __future__ import annotations
@@ -180,13 +182,15 @@ def export_transcoder(aset: AdapterSet, out: Path) -> Path:
     files = {}
     for layer, adapter in aset.adapters.items():
         tensors = {
-            "W_enc": adapter.W_enc.detach(), "b_enc": adapter.b_enc.detach(), "W_dec": adapter.W_dec.detach(),
+            "W_enc": adapter.W_enc.detach().T, "b_enc": adapter.b_enc.detach(), "W_dec": adapter.W_dec.detach(),
             "b_dec": adapter.b_dec.detach() if adapter.b_dec is not None else torch.zeros(aset.config.d_model),
         }
         if aset.config.activation == "jumprelu":
-            tensors["threshold"] = adapter.log_threshold.detach().exp()
+            tensors["activation_function.threshold"] = adapter.log_threshold.detach().exp()
         elif aset.config.activation == "batchtopk":
-            tensors["threshold"] = adapter.threshold.detach().expand(aset.config.n_features)
+            tensors["activation_function.threshold"] = adapter.threshold.detach().expand(aset.config.n_features)
+        elif aset.config.activation == "topk":
+            tensors["k"] = torch.tensor(aset.config.k)
         name = f"layer_{layer}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name))
         files[str(layer)] = name
@@ -196,7 +200,7 @@ def export_transcoder(aset: AdapterSet, out: Path) -> Path:
         "k": aset.config.k if aset.config.activation in ("topk", "batchtopk") else None,
         "d_model": aset.config.d_model,
         "n_features": aset.config.n_features,
-        "shapes": {"W_enc": "[d_model, n_features]", "W_dec": "[n_features, d_model]"},
+        "shapes": {"W_enc": "[n_features, d_model]", "W_dec": "[n_features, d_model]"},
         "feature_input": "mlp_in",
         "feature_output": "mlp_out",
         "files": files,
