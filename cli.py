@@ -360,6 +360,55 @@ def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, ba
     emit(summary, as_json, render)
 
 
+@main.command("refine")
+@click.option("--adapters", default=None, help="Offline-trained adapter set to refine (or --from-zero).")
+@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@click.option("--data", required=True, help="JSONL or Parquet of conversations or texts; the first documents are held out.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the refined adapter set.")
+@click.option("--from-zero", is_flag=True, help="Start from new zero-decoder adapters (the reference's recipe).")
+@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
+@click.option("--features", type=int, default=None, help="--from-zero: features per adapter [default: as tca train].")
+@click.option("--activation", type=click.Choice(["relu", "topk"]), default="relu", show_default=True,
+              help="--from-zero: the adapters' activation.")
+@click.option("--k", default=32, show_default=True, help="--from-zero with topk: active features per token.")
+@click.option("--tokens", type=int, default=None, help="Training tokens [default: one pass over --data].")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
+@click.option("--batch", default=8, show_default=True, help="Documents per step.")
+@click.option("--eval-tokens", default=8192, show_default=True, help="Tokens of the first documents held out.")
+@click.option("--lambda-kl", default=2.0, show_default=True, help="Weight of the KL terms.")
+@click.option("--lambda-nmse", default=1.0, show_default=True, help="Weight of the hidden-state NMSE.")
+@click.option("--cutoffs", default=1, show_default=True, help="Layer cut-offs sampled per step for the mixed models.")
+@click.option("--l1", type=float, default=None, help="Weight of the decoder-norm-weighted L1 [default: 1.0].")
+@click.option("--lr", type=float, default=None,
+              help="Peak AdamW learning rate [default: tca train's for the width, /4 when refining].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The models' weights (adapters train in float32).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of new adapters, document order and cut-offs.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def refine_cmd(adapters, base, target, data, out, from_zero, layers, features, activation, k, tokens, seq_len, batch,
+               eval_tokens, lambda_kl, lambda_nmse, cutoffs, l1, lr, dtype, device, seed, resume, as_json) -> None:
+    """Refine adapters end to end: KL to the target (also at layer cut-offs), hidden-state NMSE and L1."""
+    from tca.train.refine import DEFAULT_L1, RefineConfig, refine
+
+    summary = refine(RefineConfig(
+        base=base, target=target, data=data, out=out, adapters=adapters, from_zero=from_zero, layers=layers,
+        features=features, activation=activation, k=k, tokens=tokens, seq_len=seq_len, batch=batch,
+        eval_tokens=eval_tokens, lambda_kl=lambda_kl, lambda_nmse=lambda_nmse, cutoffs=cutoffs, l1=DEFAULT_L1 if l1 is None else l1, lr=lr,
+        dtype=dtype, device=device, seed=seed, resume=resume))
+
+    def render(d: dict) -> None:
+        closed = "n/a" if d["fraction_closed"] is None else f"{d['fraction_closed']:.1%}"
+        click.echo(f"{d['adapters']}: {d['tokens_seen']} tokens, {d['steps']} steps; held out: KL(target || adapted) "
+                   f"{d['kl_adapted']:.4f} vs hybrid {d['kl_hybrid']:.4f} nats/token, gap closed {closed}")
+        for layer, l0 in d["l0_layers"].items():
+            click.echo(f"layer {layer:>3}  L0 {l0:.1f}  hidden-state NMSE {d['nmse_adapted'][layer]:.4f}")
+
+    emit(summary, as_json, render)
+
+
 @main.command("export")
 @click.argument("adapters", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["hf-reference", "transcoder"]), default="hf-reference",

@@ -1,0 +1,401 @@
+"""``tca refine``: train adapters end to end with the reference's objective.
+
+The adapted model is the target's backbone with the base's MLPs plus the adapters
+(``adapted_model(..., keep_target=True)``); only the adapters' parameters train. Per step, on a
+batch of documents (``tca.train.batches``) and over its real tokens only, with ``L`` layers and
+``C = cutoffs`` distinct cut-offs ``k`` drawn uniformly from ``1..L-1`` by a seeded generator:
+
+    KL_A        mean over tokens of KL(target ‖ adapted) of the next-token distributions
+    KL_mix(k)   KL(target ‖ adapted below k, target from k) + KL(target ‖ target below k, adapted from k)
+    NMSE        mean over layers l of Σ‖h_l(adapted) − h_l(target)‖² / Σ‖h_l(target)‖²,
+                h_l the output of decoder layer l
+    L1          Σ over adapted layers of mean over tokens of Σ_f acts_f · ‖W_dec[f]‖ / loss_scale
+
+    loss = lambda_kl · (KL_A + mean_k KL_mix(k)) + lambda_nmse · NMSE + l1 · L1
+
+``loss_scale`` is the offline trainer's: the RMS norm of ``MLP_target(x) − MLP_base(x)``
+(stored with offline adapters; with ``from_zero`` estimated from the first batch), so one ``l1``
+weighs sparsity alike in both recipes and on every layer. The L1 term applies to ReLU adapters;
+TopK's sparsity is structural. The streams are run by ``tca.train.lockstep`` (checkpointed layer
+by layer, KL in token chunks, bf16 autocast on CUDA).
+
+Optimisation is ``tca train``'s: AdamW without weight decay, linear warm-up then cosine to zero
+(``tca.train.trainer.lr_at``), gradient-norm clipping (over all adapters together, since they share
+one loss). Records, checkpoints (exact resume) and the output adapter set have ``tca train``'s
+formats; the first documents of ``--data`` (``eval_tokens`` of them) are held out for the
+summary's KL, fraction of the hybrid's KL closed, hidden-state NMSE and L0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from tca import TcaError
+from tca.cache.models import find_model, parse_layers, resolve_device
+from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.batches import TokenBatch, batches_of, pad_id_of, tokenize_documents
+from tca.train.checkpoint import (
+    AdapterSet,
+    load_adapters,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_adapters,
+    save_checkpoint,
+)
+from tca.train.evaluate import kl_and_nmse, mode
+from tca.train.lockstep import Lockstep, StreamsOut
+from tca.train.splice import adapted_mlps, load_adapted, target_tokenizer
+from tca.train.trainer import MAX_LR_SCALE, PAPER_D, PAPER_FEATURES, PAPER_LR, lr_at
+
+log = logging.getLogger(__name__)
+
+DEFAULT_L1 = 1.0
+"""Calibrated on the demo pair (docs/train.md, Refinement)."""
+ACTIVATIONS = ("relu", "topk")
+"""Activations refinement trains: the reference's ReLU with its L1, and TopK."""
+
+
+@dataclass
+class RefineConfig:
+    """Everything ``tca refine`` needs; saved in the checkpoint and reused on ``--resume``."""
+
+    base: str
+    """Base model: local directory or Hugging Face id (only its MLP weights are read)."""
+    target: str
+    """Target model: local directory or Hugging Face id."""
+    data: str
+    """JSONL or Parquet of conversations or texts, rendered as the harvester renders them."""
+    out: str
+    """Directory for the refined adapter set, checkpoint, metrics.jsonl and summary.json."""
+    adapters: str | None = None
+    """The adapter set to start from (offline-trained); None with ``from_zero``."""
+    from_zero: bool = False
+    """Start from new adapters with a zero decoder (the reference's recipe) instead of ``adapters``."""
+    layers: str = "all"
+    """``all`` or a list like ``0,3,5-7``: the set's layers to refine, or with ``from_zero`` the
+    layers to create adapters for."""
+    features: int | None = None
+    """With ``from_zero``: features per adapter; None: ``tca train``'s default (8192 at width 3584,
+    scaled to the model's width)."""
+    activation: str = "relu"
+    """With ``from_zero``: ``relu`` or ``topk``."""
+    k: int = 32
+    """With ``from_zero`` and ``topk``: active features per token."""
+    tokens: int | None = None
+    """Training tokens (real, unpadded); None: one pass over the training documents."""
+    seq_len: int = 1024
+    """Tokens kept per document."""
+    batch: int = 8
+    """Documents per step."""
+    lambda_kl: float = 2.0
+    """Weight of the KL terms (fully adapted and mixed models)."""
+    lambda_nmse: float = 1.0
+    """Weight of the mean per-layer hidden-state NMSE."""
+    cutoffs: int = 1
+    """Distinct layer cut-offs drawn per step from 1..L-1 (0: no mixed models)."""
+    l1: float = DEFAULT_L1
+    """Weight of the decoder-norm-weighted L1 of the activations (ReLU adapters)."""
+    lr: float | None = None
+    """Peak AdamW learning rate; None: ``tca train``'s default for the adapters' width, divided
+    by ``lr_refine_div`` when starting from offline adapters."""
+    lr_refine_div: float = 4.0
+    """How much smaller the default lr is when refining offline adapters (they start near a
+    good solution)."""
+    warmup_frac: float = 0.05
+    """Fraction of steps with linearly rising learning rate."""
+    grad_clip: float = 1.0
+    """Clipping of the gradient norm over all adapters."""
+    eval_tokens: int = 8192
+    """Tokens of the first documents of ``data`` held out for evaluation."""
+    dtype: str = "float32"
+    """``float32`` or ``bfloat16``: the models' weights (the adapters always train in float32;
+    bfloat16 halves the weights' memory, the choice for a 7B pair on one GPU)."""
+    checkpointing: bool = True
+    """Recompute each layer in backward instead of keeping its activations."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    resume: bool = False
+    """Continue the run in ``out`` from its checkpoint."""
+    seed: int = 0
+    """Seeds new adapters, document order and the cut-offs."""
+    log_every: int = 10
+    """Steps between training records in metrics.jsonl."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: five per run)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints."""
+
+
+def default_lr(features: int, refining: bool, div: float) -> float:
+    """``tca train``'s scaled lr (docs/train.md), smaller when refining trained adapters."""
+    lr = PAPER_LR * min(math.sqrt(PAPER_FEATURES / features), MAX_LR_SCALE)
+    return lr / div if refining else lr
+
+
+class Refiner:
+    """Holds the model, data and optimizer of one run; ``run`` trains to the end."""
+
+    def __init__(self, cfg: RefineConfig):
+        self.out = Path(cfg.out)
+        state = tensors = None
+        if cfg.resume:
+            state, tensors = load_checkpoint(self.out / "checkpoint")
+            cfg = dataclasses.replace(RefineConfig(**state["config"]), device=cfg.device, resume=True)
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise TcaError(f"{self.out} already exists and is not empty; pass --resume to continue a run or choose a new --out.")
+        self._check(cfg)
+        target_src = find_model(cfg.target)
+        n_layers = target_src.n_layers
+        # data before weights: a bad dataset fails before gigabytes load
+        self.tokenizer = target_tokenizer(cfg.target)
+        budget = None if cfg.tokens is None else cfg.eval_tokens + cfg.tokens
+        docs = tokenize_documents(cfg.data, self.tokenizer, seq_len=cfg.seq_len, max_tokens=budget)
+        self.eval_docs, self.train_docs = _split(docs, cfg.eval_tokens)
+        if not self.train_docs:
+            raise TcaError(f"{cfg.data} has no documents left for training after the {cfg.eval_tokens} held-out tokens; "
+                           f"give more data or a smaller eval_tokens.")
+        self.source = self._adapter_set(cfg, target_src.d_model, n_layers)
+        if cfg.lr is None:
+            cfg = dataclasses.replace(cfg, lr=default_lr(self.source.config.n_features, not cfg.from_zero, cfg.lr_refine_div))
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = load_adapted(self.source, cfg.base, cfg.target, device=str(self.device), dtype=cfg.dtype,
+                                  keep_target=True)
+        self.model.requires_grad_(False)
+        # AdaptedMLP casts between the model's dtype and the adapter's, so adapters stay float32
+        self.adapters = {i: m.adapter.float() for i, m in adapted_mlps(self.model).items() if m.adapter is not None}
+        params = [p for a in self.adapters.values() for p in a.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.runner = Lockstep(self.model, checkpointing=cfg.checkpointing)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.n_layers = n_layers
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.epoch_tokens = sum(len(d) for d in self.train_docs)
+        self.batches_per_epoch = math.ceil(len(self.train_docs) / cfg.batch)
+        tokens = cfg.tokens if cfg.tokens is not None else self.epoch_tokens
+        self.total_steps = max(1, round(tokens * self.batches_per_epoch / self.epoch_tokens))
+        self.eval_every = cfg.eval_every or max(1, self.total_steps // 5)
+        self.cutoff_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+        self.step, self.tokens_seen = 0, 0
+        self._epoch: tuple[int, list[TokenBatch]] | None = None
+        if state is not None:
+            self._restore(state, tensors)
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check(cfg: RefineConfig) -> None:
+        if cfg.from_zero == (cfg.adapters is not None):
+            raise TcaError("give either --adapters (offline adapters to refine) or --from-zero, not both or neither.")
+        if cfg.batch < 1 or cfg.seq_len < 2 or cfg.cutoffs < 0 or (cfg.tokens is not None and cfg.tokens < 1):
+            raise TcaError("--batch and --tokens must be positive, --seq-len at least 2 and --cutoffs at least 0.")
+        if cfg.activation not in ACTIVATIONS:
+            raise TcaError(f"refinement trains {' or '.join(ACTIVATIONS)} adapters, not {cfg.activation!r}.")
+
+    def _adapter_set(self, cfg: RefineConfig, d_model: int, n_layers: int) -> AdapterSet:
+        """The adapters to start from: the offline set's chosen layers, or new ones."""
+        if cfg.cutoffs > max(n_layers - 1, 0):
+            raise TcaError(f"--cutoffs {cfg.cutoffs} exceeds the {n_layers - 1} cut-offs 1..{n_layers - 1} of {cfg.target}.")
+        layers = parse_layers(cfg.layers, n_layers)
+        if cfg.from_zero:
+            features = cfg.features or max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
+            acfg = AdapterConfig(d_model=d_model, n_features=features, activation=cfg.activation, l1=cfg.l1, k=cfg.k)
+            # seeded by seed and layer, as tca train seeds its adapters
+            adapters = {i: Adapter(acfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in layers}
+            return AdapterSet(adapters, acfg)
+        if not Path(cfg.adapters).is_dir():
+            raise TcaError(f"the adapters directory {cfg.adapters} does not exist.")
+        aset = load_adapters(cfg.adapters)
+        if aset.config.activation not in ACTIVATIONS:
+            raise TcaError(f"{cfg.adapters} holds {aset.config.activation} adapters; refinement trains "
+                           f"{' or '.join(ACTIVATIONS)} adapters.")
+        if aset.config.d_model != d_model:
+            raise TcaError(f"{cfg.adapters} reads width {aset.config.d_model}, but {cfg.target} has hidden size "
+                           f"{d_model}; the adapters were trained on another model.")
+        chosen = aset.layers if cfg.layers.strip() == "all" else layers
+        missing = [i for i in chosen if i not in aset.adapters]
+        if missing:
+            raise TcaError(f"{cfg.adapters} has no adapter for layer {missing[0]} (it has layers {aset.layers}).")
+        return dataclasses.replace(aset, adapters={i: aset.adapters[i] for i in chosen})
+
+    @torch.no_grad()
+    def _scale_from_target(self, batch: TokenBatch) -> None:
+        """Each new adapter's ``loss_scale``: the RMS norm of MLP_target(x) − MLP_base(x) over the
+        first batch's real tokens, x the target's MLP inputs (what the trainer measures on the store)."""
+        keep = batch.attention_mask.bool()
+        mlps = adapted_mlps(self.model)
+        xs: dict[int, torch.Tensor] = {}
+        hooks = [mlps[i].register_forward_pre_hook(lambda _m, args, i=i: xs.__setitem__(i, args[0][keep]))
+                 for i in self.adapters]
+        try:
+            with mode(self.model, "target"):
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, adapter in self.adapters.items():
+            delta = mlps[i].target_mlp(xs[i]) - mlps[i].mlp(xs[i])
+            adapter.loss_scale.fill_(float(delta.float().square().sum(-1).mean().sqrt().clamp_min(1e-12)))
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def batch_at(self, step: int) -> TokenBatch:
+        """Batch ``step``: epochs of the training documents, each in a seeded order."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = torch.randperm(len(self.train_docs), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            self._epoch = (epoch, batches_of([self.train_docs[i] for i in order], self.cfg.batch, self.pad_id))
+        return self._epoch[1][index]
+
+    def sample_cutoffs(self) -> list[int]:
+        """``cutoffs`` distinct layers from 1..L-1."""
+        if self.cfg.cutoffs == 0:
+            return []
+        return sorted(1 + int(i) for i in torch.randperm(self.n_layers - 1, generator=self.cutoff_gen)[: self.cfg.cutoffs])
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors = {"rng.cutoffs": self.cutoff_gen.get_state()}
+        for i, a in self.adapters.items():
+            tensors |= {f"adapter.{i}.{k}": v for k, v in a.state_dict().items()}
+        opt_t, groups = optimizer_tensors("opt", self.opt)
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": dataclasses.asdict(self.cfg),
+                 "optimizer": groups}
+        return state, tensors | opt_t
+
+    def _restore(self, state: dict, tensors: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.cutoff_gen.set_state(tensors["rng.cutoffs"])
+        for i, a in self.adapters.items():
+            prefix = f"adapter.{i}."
+            a.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        restore_optimizer("opt", self.opt, tensors, state["optimizer"])
+        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def loss(self, streams: StreamsOut) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch (the module docstring's formulas)."""
+        n = max(streams.tokens, 1)
+        kl_a = streams.kl_adapted / n
+        mixes = [(m1 + m2) / n for m1, m2 in streams.kl_mix.values()]
+        kl_mix = torch.stack(mixes).mean() if mixes else kl_a.new_zeros(())
+        l1 = sum(streams.l1.values(), kl_a.new_zeros(())) / n
+        nmse = streams.nmse
+        total = self.cfg.lambda_kl * (kl_a + kl_mix) + self.cfg.lambda_nmse * nmse + self.cfg.l1 * l1
+        return {"loss": total, "kl": kl_a, "kl_mix": kl_mix, "nmse": nmse, "l1": l1}
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        batch = self.batch_at(self.step).to(self.device)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_frac)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        streams = self.runner.run(batch.input_ids, batch.attention_mask, self.sample_cutoffs(), self.autocast)
+        terms = self.loss(streams)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for a in self.adapters.values() for p in a.parameters()], cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.tokens_seen += streams.tokens
+        l0 = {str(i): float(c) / max(streams.tokens, 1) for i, c in streams.active.items()}
+        return {"kind": "train", "step": self.step, "tokens": self.tokens_seen, "lr": lr,
+                **{k: float(v.detach()) for k, v in terms.items()}, "cutoffs": sorted(streams.kl_mix),
+                "l0": sum(l0.values()) / max(len(l0), 1), "l0_layers": l0}
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> dict:
+        """Train to ``total_steps``; ``on_step(step)`` runs after each step (tests stop runs with it)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and self.cfg.from_zero:
+            self._scale_from_target(self.batch_at(0).to(self.device))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="refine", unit="step", dynamic_ncols=True)
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        try:
+            with open(self.out / "metrics.jsonl", "a") as metrics:
+                while self.step < self.total_steps:
+                    record = self.train_step()
+                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                        metrics.write(json.dumps(record) + "\n")
+                    rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix({"tok/s": f"{rate:,.0f}", "loss": f"{record['loss']:.4f}",
+                                     "KL": f"{record['kl']:.4f}", "L0": f"{record['l0']:.1f}"}, refresh=False)
+                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                        self.last_eval = self.evaluate()
+                        metrics.write(json.dumps(self.last_eval) + "\n")
+                    if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                        metrics.flush()
+                        save_checkpoint(self.out / "checkpoint", *self._state())
+                    bar.update()
+                    if on_step:
+                        on_step(self.step)
+        finally:
+            bar.close()
+        return self.finish()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """On the held-out documents: KL of the adapted and hybrid models against the target,
+        the fraction of the hybrid's KL closed, per-layer hidden-state NMSE and L0."""
+        batches = [b.to(self.device) for b in batches_of(self.eval_docs, self.cfg.batch, self.pad_id)]
+        faith = kl_and_nmse(self.model, batches)
+        active = {i: 0.0 for i in self.adapters}
+        for b in batches:
+            streams = self.runner.run(b.input_ids, b.attention_mask, autocast=self.autocast)
+            for i, c in streams.active.items():
+                active[i] += float(c)
+        l0 = {str(i): c / faith.tokens for i, c in active.items()}
+        return {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "eval_tokens": faith.tokens,
+                "kl_adapted": faith.kl_adapted, "kl_hybrid": faith.kl_hybrid, "fraction_closed": faith.fraction_closed,
+                "nmse_adapted": {str(k): v for k, v in faith.nmse_adapted.items()},
+                "nmse_hybrid": {str(k): v for k, v in faith.nmse_hybrid.items()},
+                "l0": sum(l0.values()) / max(len(l0), 1), "l0_layers": l0}
+
+    def finish(self) -> dict:
+        """Write the refined adapter set and ``summary.json``; return the summary."""
+        final = getattr(self, "last_eval", None) or self.evaluate()
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("out", "resume", "device")}
+        adapters = {i: a.cpu().eval() for i, a in self.adapters.items()}
+        extra = {**self.source.extra, "refine": settings, "refined_from": self.cfg.adapters,
+                 "refine_tokens_seen": self.tokens_seen}
+        save_adapters(self.out, AdapterSet(adapters, self.source.config, self.source.store, self.source.models, extra))
+        summary = {"adapters": str(self.out), "refined_from": self.cfg.adapters, "tokens_seen": self.tokens_seen,
+                   "steps": self.step, "layers": sorted(self.adapters),
+                   **{k: v for k, v in final.items() if k not in ("kind", "step", "tokens")}}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _split(docs: list[list[int]], eval_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The first documents holding ``eval_tokens`` (at least one), and the rest."""
+    total, cut = 0, 0
+    while cut < len(docs) and (cut == 0 or total < eval_tokens):
+        total += len(docs[cut])
+        cut += 1
+    return docs[:cut], docs[cut:]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint by the run that was interrupted."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def refine(cfg: RefineConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Refine (or resume refining) the adapters ``cfg`` describes and return the summary."""
+    return Refiner(cfg).run(on_step)
