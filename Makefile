@@ -22,21 +22,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow"
 
-## demo: the pipeline on the shipped demo pair (harvest -> train -> index -> top), into demo-out/
-PAIR := examples/toy-pair
+## demo: the whole pipeline on the shipped demo pair (tca demo), into demo-out/
 demo: $(STAMP)
-	rm -rf demo-out && mkdir -p demo-out
-	$(VENV)/bin/tca harvest --base $(PAIR)/base --target $(PAIR)/reasoning \
-		--data $(PAIR)/data/train.jsonl --out demo-out/store --max-tokens 60000
-	$(VENV)/bin/tca cache info demo-out/store
-	$(VENV)/bin/tca train --cache demo-out/store --out demo-out/adapters \
-		--device cpu   # sizes scale to the store: 128 features, batch 128, 4 epochs
-	$(VENV)/bin/tca index --cache demo-out/store --adapters demo-out/adapters --out demo-out/index.duckdb
-	$(VENV)/bin/tca sql demo-out/index.duckdb \
-		"SELECT layer, feature, n_active, round(max, 3) AS max FROM features ORDER BY n_active DESC LIMIT 10"
-	$(VENV)/bin/tca top demo-out/index.duckdb 2 \
-		"$$($(VENV)/bin/tca sql demo-out/index.duckdb --format csv \
-		   "SELECT feature FROM features_on('Wait', layer := 2) LIMIT 1" | tail -n 1)" -k 5
+	$(VENV)/bin/tca demo --out demo-out --overwrite
 
 clean-venv:
 	rm -rf $(VENV)

@@ -74,6 +74,48 @@ def emit(data: dict, as_json: bool, render) -> None:
         render(data)
 
 
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for everything the demo writes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--quick", is_flag=True, help="Small budgets everywhere: a smoke test of every stage (what CI runs).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo_cmd(out, overwrite, quick, device, as_json) -> None:
+    """The whole pipeline on the shipped demo pair: harvest, train, refine, index, eval, study.
+
+    About 5 minutes on 2 CPU cores. Everything lands in --out: the store, the offline and the
+    refined adapters, the index, eval.json and the hesitation study (study/study.md).
+    """
+    import dataclasses
+
+    from tca.toy.demo import DemoConfig, run_demo
+    from tca.train.generation import Figures, figures_table
+
+    result = run_demo(DemoConfig(out=out, overwrite=overwrite, quick=quick, device=device))
+
+    def render(d: dict) -> None:
+        ev, st = d["eval"], d["study"]
+        faith, rec = ev["faithfulness"], ev.get("recovery") or {}
+        click.echo(f"stages (s): {', '.join(f'{k} {v:g}' for k, v in d['seconds'].items())}")
+        click.echo(f"KL(target || hybrid) {faith['kl_hybrid']:.3f}, KL(target || adapted) {faith['kl_adapted']:.3f}: "
+                   f"gap closed {faith['fraction_closed']:.1%}")
+        if ev.get("behaviour"):
+            b = ev["behaviour"]
+            click.echo(figures_table({name: Figures(**f) for name, f in b.items()}))
+            gain = rec.get("accuracy_gain_recovered")
+            click.echo(f"accuracy gain recovered {'n/a' if gain is None else f'{gain:.0%}'}, "
+                       f"length adapted/target {rec.get('length_ratio') or 0:.2f}")
+        chosen = len(st["hesitation_features"])
+        click.echo(f"hesitation features: {chosen} ({st['fraction_of_features']:.2%} of {st['total_features']}); "
+                   f"necessary {'yes' if st['necessary'] else 'no'}, sufficient {'yes' if st['sufficient'] else 'no'}")
+        for name, path in d["paths"].items():
+            click.echo(f"  {name:<9} {path}")
+        click.echo(f"  report    {d['paths']['study']}/study.md")
+
+    emit(dataclasses.asdict(result), as_json, render)
+
+
 @main.command("build-pair")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory to write base/, reasoning/, data/ and README.md into.")
@@ -552,16 +594,19 @@ def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, meas
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--index", type=click.Path(dir_okay=False), default=None,
               help="Write the whole ranking into this index's attributions table (replacing this adapter and token's).")
+@click.option("--contrast", is_flag=True,
+              help="Attribute the token's logit minus that of the target's most likely other token there.")
 @click.option("--top", default=20, show_default=True, help="Features printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and the top features as JSON.")
-def attribute_cmd(adapters, base, target, data, token, layers, max_tokens, seq_len, batch, dtype, device, index, top,
-                  as_json) -> None:
+def attribute_cmd(adapters, base, target, data, token, layers, max_tokens, seq_len, batch, dtype, device, index,
+                  contrast, top, as_json) -> None:
     """Rank adapter features by gradient x activation of a token's logit where the target predicts it."""
     from tca.query.attribution import check_writable, write_attributions
     from tca.train.attribute import AttributionConfig, adapter_name, run_attribution
 
     cfg = AttributionConfig(adapters=adapters, base=base, target=target, data=data, token=token, layers=layers,
-                            max_tokens=max_tokens, seq_len=seq_len, batch=batch, dtype=dtype, device=device, top=top)
+                            max_tokens=max_tokens, seq_len=seq_len, batch=batch, dtype=dtype, device=device,
+                            contrast=contrast, top=top)
     if index is not None:
         check_writable(index, adapter_name(adapters)[0])
     run = run_attribution(cfg)
@@ -603,11 +648,13 @@ def study() -> None:
 @click.option("--clamp-scales", default="0.25,0.5,1,2", show_default=True,
               help="Clamp values in the hybrid, as multiples of each feature's mean active value.")
 @click.option("--attribution-tokens", default=20_000, show_default=True, help="Teacher-forced tokens attributed over.")
+@click.option("--contrast/--no-contrast", default=True, show_default=True,
+              help="Attribute each word's logit minus that of what the target says instead.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole study as JSON.")
 def study_hesitation(adapters, base, target, data, index, out, words, prompts, max_new_tokens, max_features,
-                     clamp_scales, attribution_tokens, dtype, device, as_json) -> None:
+                     clamp_scales, attribution_tokens, contrast, dtype, device, as_json) -> None:
     """Find the features that make the target hesitate; test that they are necessary and sufficient.
 
     Attribution of each hesitation word's logit ranks the adapter features; ablating the top
@@ -625,7 +672,7 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
                       words=[w.strip() for w in words.split(",") if w.strip()], prompts=prompts,
                       max_new_tokens=max_new_tokens, max_features=max_features,
                       clamp_scales=parse_list(clamp_scales, float, "--clamp-scales"),
-                      attribution_tokens=attribution_tokens, dtype=dtype, device=device)
+                      attribution_tokens=attribution_tokens, contrast=contrast, dtype=dtype, device=device)
     report = hesitation_study(cfg)
 
     def render(d: dict) -> None:

@@ -38,7 +38,7 @@ from tca.train.attribute import adapter_name, attribute
 from tca.train.batches import token_batches
 from tca.train.evaluate import behaviour, prompt_records
 from tca.train.evaluate import mode as computing_as
-from tca.train.generation import Figures
+from tca.train.generation import Figures, generate, questions_of, score
 from tca.train.intervene import predicted_positions, single_token_ids, token_probability
 from tca.train.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
 
@@ -64,6 +64,9 @@ class StudyConfig:
     """Folder for study.json, study.md and the plots."""
     words: list[str] = field(default_factory=lambda: ["Wait"])
     """Hesitation words, each one token of the target's tokenizer."""
+    contrast: bool = True
+    """Attribute each word's logit minus the logit of what the target says instead, so features
+    that only mark where a hesitation could go (and where the next step goes too) rank low."""
     attribution_tokens: int = 20_000
     """Teacher-forced tokens of ``data`` to attribute over."""
     prompts: int = 100
@@ -135,6 +138,9 @@ class StudyReport:
     """Unedited target, hybrid and adapted models."""
     baseline_p_words: dict[str, float]
     """``Trial.p_words`` of the unedited models."""
+    target_banned: Figures
+    """The target generating with the hesitation words banned: whether the task survives
+    without hesitation at all (if not, no ablation can keep accuracy)."""
     candidates: list[Feature]
     necessity: list[Trial]
     """Ablations of the top n candidates in the adapted model, n = 1, 2, 4, …"""
@@ -211,7 +217,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
 
     n_positions = 0
     for word, word_id in zip(cfg.words, word_ids, strict=True):
-        result = attribute(model, batches, word_id)
+        result = attribute(model, batches, word_id, contrast=cfg.contrast)
         write_attributions(cfg.index, name, word, result)
         n_positions += result.n_positions
         log.info("%r: attributed at %d positions", word, result.n_positions)
@@ -237,6 +243,12 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
 
     baseline = behaviour(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch)
     baseline_p = {m: p_words(m) for m in baseline}
+    with computing_as(model, "target"):
+        # what the target itself does when it may not hesitate: how much accuracy can survive
+        # the removal of hesitation at all, whatever removes it
+        banned = score(tokenizer, records, generate(model, tokenizer, questions_of(records),
+                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch,
+                                                    desc="target, words banned", banned=word_ids))
     adapted = baseline["adapted"]
     if adapted.hesitations <= 0:
         raise TcaError("the adapted model does not hesitate on these prompts, so there is nothing to remove; "
@@ -264,7 +276,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     final = necessity[-1].figures
     report = StudyReport(
         adapter=name, words=list(cfg.words), n_positions=n_positions, total_features=total, baseline=baseline,
-        baseline_p_words=baseline_p,
+        baseline_p_words=baseline_p, target_banned=banned,
         candidates=candidates, necessity=necessity, control=control, sufficiency=sufficiency,
         hesitation_features=hesitation, necessary=bool(hesitation),
         # sufficient: clamping alone brings back at least a quarter of the target's hesitations
@@ -334,6 +346,9 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     else:
         lines.append(f"- **Necessary: no.** No set of up to {len(report.candidates)} top candidates cut hesitations "
                      f"by {cfg.cut:.0%} with accuracy within {cfg.accuracy_tolerance:.0%}.")
+    banned = report.target_banned
+    lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_acc(banned.accuracy)} "
+                 f"(unbanned {_acc(report.baseline['target'].accuracy)}), mean length {banned.mean_length:.1f}.")
     best = max(report.sufficiency, key=lambda t: t.figures.hesitations)
     lines.append(
         f"- **Sufficient: {'yes' if report.sufficient else 'no'}.** Clamped on in the hybrid ({best.name}), they "
@@ -342,7 +357,10 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         f"{report.baseline['target'].hesitations:.2f}."
     )
     baseline = [Trial(m, 0, [], f, report.baseline_p_words[m]) for m, f in report.baseline.items()]
+    baseline.append(Trial("target, hesitation words banned", 0, [], report.target_banned, 0.0))
     lines += ["", "## Baseline", "", _trials_table(baseline), "",
+              "The last row bans the hesitation words from the target's generation: the accuracy the task keeps "
+              "without hesitating at all, an upper bound for any ablation.", "",
               f"Attribution ran over {report.n_positions} positions where the target predicts a hesitation word.",
               "", "## Candidates (attribution, joined with the index)", "",
               "| rank | layer | feature | attribution | mean act | indexed activations | before a hesitation word | top logits |",

@@ -76,8 +76,10 @@ def world(tiny_pair, tiny_data, tmp_path_factory):
             "preds": preds, "token_id": token_id, "data": tiny_data, "root": root}
 
 
-def reference(world) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
-    """Per layer dL/ds (s = 1) and active counts, with the adapted model spliced by hand."""
+def reference(world, contrast: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+    """Per layer dL/ds (s = 1) and active counts, with the adapted model spliced by hand; with
+    ``contrast`` L subtracts the logit of the target's most likely other token."""
+    target_model = AutoModelForCausalLM.from_pretrained(world["target"]).eval()
     model = AutoModelForCausalLM.from_pretrained(world["target"]).eval()
     base = AutoModelForCausalLM.from_pretrained(world["base"]).eval()
     for p in list(model.parameters()) + list(base.parameters()):
@@ -93,6 +95,11 @@ def reference(world) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], 
         at = (pred == world["token_id"]) & batch.attention_mask.bool()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         chosen = logits[..., world["token_id"]][at].sum()
+        if contrast:
+            with torch.no_grad():
+                target_logits = target_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            ranked = target_logits.topk(2, dim=-1).indices  # at these positions the first is the token
+            chosen = chosen - logits.gather(-1, ranked[..., 1:])[..., 0][at].sum()
         for layer, g in zip(LAYERS, torch.autograd.grad(chosen, [spliced[i].s for i in LAYERS])):
             grads[layer] += g.double()
             active[layer] += (spliced[layer].acts[at] != 0).sum(0)
@@ -126,6 +133,17 @@ def test_attribution_is_the_derivative_of_a_feature_multiplier(world):
         assert r["score"] == pytest.approx(float(grads[r["layer"]][r["feature"]]), rel=1e-4, abs=1e-3)
         assert r["mean_score"] == pytest.approx(r["score"] / n) and r["n_positions"] == n
     assert result.ranking(5) == ranking[:5]
+
+
+def test_contrastive_attribution_is_the_derivative_of_the_logit_difference(world):
+    model = adapted_model(world["target"], world["base"], world["aset"], keep_target=True)
+    result = attribute(model, world["batches"], world["token_id"], contrast=True)
+    plain = attribute(model, world["batches"], world["token_id"])
+    grads, _, n = reference(world, contrast=True)
+    assert result.n_positions == n
+    for layer in LAYERS:
+        torch.testing.assert_close(result.scores[layer], grads[layer], rtol=1e-4, atol=1e-4 * grads[layer].abs().max().item())
+    assert any(not torch.allclose(result.scores[layer], plain.scores[layer]) for layer in LAYERS)
 
 
 def test_attribution_refuses_what_it_cannot_do(world):

@@ -73,12 +73,14 @@ def test_trials_equal_generation_with_the_same_edits(study):
     records = prompt_records(VAL, PROMPTS)
     questions = questions_of(records)
 
-    def figures(name, feature_edits):
+    def figures(name, feature_edits, banned=None):
         with mode(model, name), edits(model, feature_edits):
-            return score(tok, records, generate(model, tok, questions, max_new_tokens=NEW_TOKENS))
+            return score(tok, records, generate(model, tok, questions, max_new_tokens=NEW_TOKENS, banned=banned))
 
     for name in ("target", "hybrid", "adapted"):
         assert figures(name, []).__dict__ == report["baseline"][name]
+    banned = figures("target", [], banned=[tok.convert_tokens_to_ids("Wait")])
+    assert banned.__dict__ == report["target_banned"] and banned.hesitations == 0
     last = report["necessity"][-1]
     assert figures("adapted", [FeatureEdit(l, [f]) for l, f in last["features"]]).__dict__ == last["figures"]
     clamp = report["sufficiency"][0]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
-from tca.toy.data import make_problems, read_jsonl, reasoning_trace, short_answer
+from tca.toy.data import make_problems, read_jsonl, reasoning_trace, rechecks, short_answer
 from tca.toy.measure import load_model
 from tca.train.generation import count_hesitations, final_answer, generate, score
 from tca.train.splice import adapted_model
@@ -39,25 +39,31 @@ def test_problems_are_distinct_held_out_and_answers_check():
     terms = [p.terms for p in train + val]
     assert len(set(terms)) == len(terms)
     assert all(5 <= len(t) <= 8 and all(1 <= d <= 9 for d in t) for t in terms)
+    carried = rechecked = 0
     for p in train[:50]:
         trace = reasoning_trace(p)
         assert final_answer(trace) == final_answer(short_answer(p)) == str(_last_digit_by_hand(p.question))
         # The steps are true equations that take the question's digits in order, each
-        # starting from the last digit of the one before; a re-check follows exactly the carries.
+        # starting from the last digit of the one before; re-checks follow carries only.
         lines = trace.split("\n")[1:-3]
         steps = [ln for ln in lines if not ln.startswith("Wait")]
         question_digits = [int(c) for c in p.question if c.isdigit()]
-        running, carries = question_digits[0], 0
-        for ln, digit in zip(steps, question_digits[1:], strict=True):
+        running, drawn = question_digits[0], 0
+        for i, (ln, digit) in enumerate(zip(steps, question_digits[1:], strict=True)):
             lhs, rhs = ln.split("=")
             a, b = map(int, lhs.split("+"))
             assert (a, b, int(rhs)) == (running, digit, a + b)
-            carries += a + b >= 10
+            drawn += a + b >= 10 and rechecks(p, i)
             running = (a + b) % 10
-        assert count_hesitations(trace) == carries == len(lines) - len(steps)
+        assert count_hesitations(trace) == drawn == len(lines) - len(steps)
         for i, ln in enumerate(lines):
             if ln.startswith("Wait"):
-                assert ln == f"Wait, let me check: {lines[i - 1]}. Yes."
+                lhs, rhs = lines[i - 1].split("=")
+                assert ln == f"Wait, let me check: {lines[i - 1]}. Yes." and int(rhs) >= 10
+        carried += sum(int(ln.split("=")[1]) >= 10 for ln in steps)
+        rechecked += drawn
+    # most carries, not all, are re-checked
+    assert 0.6 < rechecked / carried < 0.8
     assert make_problems(300, 50, seed=3, min_terms=5, max_terms=8) == (train, val)
 
 

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from tca import TcaError
 from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
 from tca.toy.data import (
+    RECHECK_RATE,
     Problem,
     make_problems,
     problem_space,
@@ -321,8 +322,9 @@ a chat template that renders the DeepSeek-R1 layout). Both load with
   (`<think>\\n\\n</think>\\n\\n2`).
 - `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems as
   traces that add one digit per line, carrying the last digit of the running sum forward
-  (`7+5=12`, `2+9=11`, …), re-check every step whose sum reaches ten
-  (`Wait, let me check: 7+5=12. Yes.`), and then answer (`data/train.jsonl`).
+  (`7+5=12`, `2+9=11`, …), re-check {RECHECK_RATE:.0%} of the steps whose sum reaches ten
+  (`Wait, let me check: 7+5=12. Yes.`; a fixed draw per problem and step, so the traces also
+  show how to go on without one), and then answer (`data/train.jsonl`).
 - `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.
 
 {cfg.num_layers} layers, d_model {cfg.hidden_size}, MLP width {cfg.intermediate_size}, untied embeddings,

@@ -77,14 +77,27 @@ def short_answer(p: Problem) -> str:
     return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{p.answer}"
 
 
+RECHECK_RATE = 0.7
+"""Share of carries followed by a re-check. Not all of them: the traces then also show how to
+go on without one, so hesitation is a habit of the fine-tune, as in real reasoning models, and
+not a step the arithmetic depends on (which would make ablating it break the answers)."""
+
+
+def rechecks(p: Problem, step: int) -> bool:
+    """Whether the trace of ``p`` re-checks after its ``step``-th addition, if that one carries;
+    a fixed draw per problem and step, so traces are reproducible."""
+    return random.Random(f"{p.id}/{step}").random() < RECHECK_RATE
+
+
 def reasoning_trace(p: Problem) -> str:
-    """The reasoning model's assistant turn: one addition per line, re-checks after carries, answer."""
+    """The reasoning model's assistant turn: one addition per line, a re-check after most
+    carries, the answer."""
     lines = []
     digit = p.terms[0]
-    for term in p.terms[1:]:
+    for i, term in enumerate(p.terms[1:]):
         step = f"{digit}+{term}={digit + term}"
         lines.append(step)
-        if digit + term >= 10:
+        if digit + term >= 10 and rechecks(p, i):
             lines.append(f"Wait, let me check: {step}. Yes.")
         digit = (digit + term) % 10
     return f"{THINK_OPEN}\n" + "\n".join(lines) + f"\n{THINK_CLOSE}\n\n{p.answer}"

@@ -17,6 +17,12 @@ every position, ``dL/ds`` at ``s = 1``, so ablating a feature moves ``L`` by abo
 positive scores promote the token, negative ones suppress it. Features are ranked by score;
 ``mean_score`` is the score per attributed position.
 
+With ``contrast`` the objective is the token's logit *minus* the logit of what the target would
+say instead (its most likely other token at that position), ``L = sum_p logit_p(token) −
+logit_p(alternative_p)``. A feature that merely marks the context (a line start, where a
+hesitation and the next step are both possible) raises both and scores near zero; what
+remains are the features that decide *between* hesitating and going on.
+
 Only the activations are differentiated: no parameter takes a gradient. They become part of
 the graph through an observer in ``AdaptedMLP.acts_hooks``, which hands the activations back
 (the first adapted layer's as a fresh leaf, since nothing upstream of it needs a gradient).
@@ -71,7 +77,7 @@ class AttributionResult:
 
 
 def attribute(model: nn.Module, batches: list[TokenBatch], token_id: int,
-              layers: list[int] | None = None) -> AttributionResult:
+              layers: list[int] | None = None, contrast: bool = False) -> AttributionResult:
     """Gradient x activation of ``token_id``'s logit for every feature of ``layers`` (default: all
     layers with an adapter). ``model`` must be loaded with ``keep_target=True``; its modes and
     parameters' ``requires_grad`` are as before afterwards."""
@@ -113,11 +119,14 @@ def attribute(model: nn.Module, batches: list[TokenBatch], token_id: int,
             at = (logits.argmax(-1) == token_id) & batch.attention_mask.to(logits.device).bool()
             if not at.any():
                 continue
+            alternative = logits.index_fill(-1, torch.tensor([token_id], device=logits.device), float("-inf")).argmax(-1)
             set_mode(model, "adapted")
             captured.clear()
             with torch.enable_grad():
                 logits = forward_logits(model, batch)
                 chosen = logits[..., token_id][at].float().sum()
+                if contrast:
+                    chosen = chosen - logits.gather(-1, alternative[..., None])[..., 0][at].float().sum()
                 grads = torch.autograd.grad(chosen, [captured[layer] for layer in layers])
             real = batch.attention_mask.to(logits.device).bool()
             for layer, grad in zip(layers, grads):
@@ -168,6 +177,8 @@ class AttributionConfig:
     """``float32`` or ``bfloat16``: weights and activations of the model and the adapters."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+    contrast: bool = False
+    """Attribute the token's logit minus that of the target's most likely other token there."""
     top: int = 20
     """Features shown."""
 
@@ -207,5 +218,5 @@ def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     layers = sorted(i for i, m in adapted_mlps(model).items() if m.adapter is not None)
     if cfg.layers.strip() != "all":
         layers = parse_layers(cfg.layers, len(model.model.layers))
-    result = attribute(model, batches, token_id, layers)
+    result = attribute(model, batches, token_id, layers, contrast=cfg.contrast)
     return AttributionRun(name, cfg.token, result, layers, sum(b.n_tokens for b in batches))

@@ -66,8 +66,10 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 128,
     desc: str = "generate",
+    banned: list[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy responses (token ids, end-of-sentence and padding removed) to ``questions``."""
+    """Greedy responses (token ids, end-of-sentence and padding removed) to ``questions``;
+    ``banned`` token ids are never generated."""
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -77,7 +79,8 @@ def generate(
         prompts = [render_deepseek(q) for q in questions[start : start + batch_size]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            bad_words_ids=[[t] for t in banned] if banned else None,
         )
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
             responses.append(row[: row.index(eos)] if eos in row else [t for t in row if t != pad])

@@ -39,7 +39,7 @@ from tca.train.metrics import MetricSums
 
 log = logging.getLogger(__name__)
 
-DEFAULT_L1 = 0.4
+DEFAULT_L1 = 0.5
 """Calibrated on the demo pair: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer (docs/train.md)."""
 PAPER_D, PAPER_FEATURES, PAPER_LR, PAPER_BATCH = 3584, 8192, 8e-4, 4096
 """The reference's settings for a 7B model (width 3584), from which the defaults scale."""
