@@ -11,6 +11,8 @@ import torch
 from tca.cache.harvest import HarvestConfig, harvest
 from tca.cache.plan import PlanConfig
 from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl
+from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.checkpoint import AdapterSet
 from tca.train.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,3 +66,21 @@ def demo_run(tmp_path_factory) -> DemoRun:
                           plan=PlanConfig(data=data, max_tokens=DEMO_HARVEST_TOKENS), device="cpu"))
     train(TrainConfig(cache=str(store), out=str(adapters), device="cpu", **DEMO_TRAIN))
     return DemoRun(store, adapters)
+
+
+def random_adapter_set(n_features: int, *, seed: int, b_enc: float, dec_scale: float, d_model: int = 64,
+                       layers: tuple[int, ...] = (0, 1, 2, 3)) -> AdapterSet:
+    """Untrained adapters on ``layers`` with nonzero decoders; a negative ``b_enc`` makes only a
+    few features fire per token, like trained ones."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = AdapterConfig(d_model=d_model, n_features=n_features)
+    adapters = {}
+    for layer in layers:
+        ad = Adapter(cfg)
+        with torch.no_grad():
+            ad.W_enc.copy_(torch.randn(d_model, n_features, generator=g) / d_model**0.5)
+            ad.b_enc.fill_(b_enc)
+            ad.W_dec.copy_(torch.randn(n_features, d_model, generator=g) * dec_scale)
+            ad.b_dec.copy_(torch.randn(d_model, generator=g) * 0.05)
+        adapters[layer] = ad.eval()
+    return AdapterSet(adapters, cfg)

@@ -18,28 +18,19 @@ from tca.cache.plan import PlanConfig
 from tca.cli import main
 from tca.query.attribution import read_attributions, write_attributions
 from tca.query.sql import query
-from tca.train.adapter import Adapter, AdapterConfig
+from tca.train.adapter import Adapter
 from tca.train.attribute import AttributionResult, attribute
 from tca.train.checkpoint import AdapterSet, save_adapters
 from tca.train.batches import token_batches
 from tca.train.splice import adapted_model, set_mode
 
+from conftest import random_adapter_set
+
 D, F, LAYERS = 64, 12, (0, 1, 2, 3)
 
 
 def random_set(seed: int = 1) -> AdapterSet:
-    g = torch.Generator().manual_seed(seed)
-    cfg = AdapterConfig(d_model=D, n_features=F)
-    adapters = {}
-    for layer in LAYERS:
-        ad = Adapter(cfg)
-        with torch.no_grad():
-            ad.W_enc.copy_(torch.randn(D, F, generator=g) / D**0.5)
-            ad.b_enc.fill_(-0.3)
-            ad.W_dec.copy_(torch.randn(F, D, generator=g) * 0.3)
-            ad.b_dec.copy_(torch.randn(D, generator=g) * 0.05)
-        adapters[layer] = ad.eval()
-    return AdapterSet(adapters, cfg)
+    return random_adapter_set(F, seed=seed, b_enc=-0.3, dec_scale=0.3, d_model=D, layers=LAYERS)
 
 
 class ScaledAdapterMLP(nn.Module):

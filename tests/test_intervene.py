@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tca import TcaError
 from tca.cache.template import render_deepseek
 from tca.cli import main
-from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, save_adapters
 from tca.train.evaluate import mode as computing_as
 from tca.train.generation import generate, questions_of, score
@@ -27,23 +26,13 @@ from tca.train.intervene import (
 from tca.train.batches import token_batches
 from tca.train.splice import FeatureEdit, adapted_model, edits, set_mode
 
+from conftest import random_adapter_set
+
 D, F, LAYERS = 64, 16, (0, 1, 2, 3)
 
 
 def random_set(seed: int = 0) -> AdapterSet:
-    """Adapters on every layer with nonzero decoders, a few features firing per token."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = AdapterConfig(d_model=D, n_features=F)
-    adapters = {}
-    for layer in LAYERS:
-        ad = Adapter(cfg)
-        with torch.no_grad():
-            ad.W_enc.copy_(torch.randn(D, F, generator=g) / D**0.5)
-            ad.b_enc.fill_(-0.5)
-            ad.W_dec.copy_(torch.randn(F, D, generator=g) * 0.2)
-            ad.b_dec.copy_(torch.randn(D, generator=g) * 0.05)
-        adapters[layer] = ad.eval()
-    return AdapterSet(adapters, cfg)
+    return random_adapter_set(F, seed=seed, b_enc=-0.5, dec_scale=0.2, d_model=D, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
