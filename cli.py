@@ -44,6 +44,16 @@ def _sentence(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
 
+# Options several commands share, defined once so their help reads the same everywhere.
+base_option = click.option("--base", required=True,
+                           help="Base model: Hugging Face id or local directory (only its MLPs are read).")
+target_option = click.option("--target", required=True,
+                             help="Target (fine-tuned) model: Hugging Face id or local directory.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+splice_dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                                   show_default=True)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tca")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -79,7 +89,7 @@ def emit(data: dict, as_json: bool, render) -> None:
               help="Folder for everything the demo writes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--quick", is_flag=True, help="Small budgets everywhere: a smoke test of every stage (what CI runs).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo_cmd(out, overwrite, quick, device, as_json) -> None:
     """The whole pipeline on the shipped demo pair: harvest, train, refine, index, eval, study.
@@ -143,8 +153,8 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="JSONL or Parquet file of conversations or texts.")
 @click.option("--out", required=True, help="Store to write: a path or an fsspec URL.")
 @click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
@@ -156,7 +166,7 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
 @click.option("--skip-sinks", is_flag=True, help="Store no rows for the first position and BOS tokens.")
 @click.option("--store-y", is_flag=True, help="Also store y = MLP_target(x).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--format", "fmt", type=click.Choice(["auto", "conversations", "text"]), default="auto", show_default=True)
 @click.option("--template", type=click.Choice(["deepseek", "chat", "none"]), default="deepseek", show_default=True,
               help="How conversations become text (deepseek keeps the thinking).")
@@ -375,7 +385,7 @@ def report_cmd(index, layer, feature, out, all_features, adapter, k, context) ->
 @click.option("--holdout-frac", default=0.05, show_default=True, help="Fraction of documents held out for evaluation.")
 @click.option("--no-dec-bias", is_flag=True, help="Train without a decoder bias.")
 @click.option("--drop-outliers", type=float, default=None, help="Skip rows with ||x|| above Z times the layer median.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation, hold-out split and data order.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -404,8 +414,8 @@ def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, ba
 
 @main.command("refine")
 @click.option("--adapters", default=None, help="Offline-trained adapter set to refine (or --from-zero).")
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="JSONL or Parquet of conversations or texts; the first documents are held out.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the refined adapter set.")
 @click.option("--from-zero", is_flag=True, help="Start from new zero-decoder adapters (the reference's recipe).")
@@ -426,7 +436,7 @@ def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, ba
               help="Peak AdamW learning rate [default: tca train's for the width, /4 when refining].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="The models' weights (adapters train in float32).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--seed", default=0, show_default=True, help="Seed of new adapters, document order and cut-offs.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -478,8 +488,8 @@ def import_cmd(checkpoint, out) -> None:
 
 @main.command("eval")
 @click.option("--adapters", required=True, help="Adapter set directory to splice into the target.")
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="Held-out JSONL or Parquet of conversations or texts.")
 @click.option("--max-tokens", type=int, default=100_000, show_default=True, help="Teacher-forced tokens for KL and NMSE.")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
@@ -487,8 +497,8 @@ def import_cmd(checkpoint, out) -> None:
 @click.option("--generate", "n_generate", default=0, show_default=True,
               help="Also generate from the first N prompts of --data in each mode (0: skip).")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Longest generated response.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@splice_dtype_option
+@device_option
 @click.option("--layers", default="all", show_default=True, help="Splice only these layers' adapters: all or 0,3,5-7.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_cmd(adapters, base, target, data, max_tokens, seq_len, batch, n_generate, max_new_tokens, dtype, device,
@@ -527,8 +537,8 @@ def eval_cmd(adapters, base, target, data, max_tokens, seq_len, batch, n_generat
 
 @main.command("intervene")
 @click.option("--adapters", required=True, help="Adapter set directory to splice into the target.")
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="JSONL or Parquet of conversations: teacher-forced text and prompts.")
 @click.option("--edit", "edit_spec", required=True,
               help="Features to set: LAYER:FEATURES[=VALUE] joined by ';', FEATURES indices and ranges. "
@@ -547,8 +557,8 @@ def eval_cmd(adapters, base, target, data, max_tokens, seq_len, batch, n_generat
 @click.option("--max-new-tokens", default=256, show_default=True, help="Longest generated response.")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
 @click.option("--batch", default=16, show_default=True, help="Documents or prompts per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@splice_dtype_option
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, measure, max_tokens, n_generate,
                   max_new_tokens, seq_len, batch, dtype, device, as_json) -> None:
@@ -581,8 +591,8 @@ def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, meas
 @main.command("attribute")
 @click.option("--adapters", required=True,
               help="Adapter set directory; NAME=DIR names it as in the index (default: the directory's name).")
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="JSONL or Parquet of conversations or texts.")
 @click.option("--target-token", "token", required=True,
               help="The token whose logit is attributed, e.g. Wait (one token of the target's tokenizer).")
@@ -590,8 +600,8 @@ def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, meas
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens of --data read.")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
 @click.option("--batch", default=8, show_default=True, help="Documents per forward and backward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@splice_dtype_option
+@device_option
 @click.option("--index", type=click.Path(dir_okay=False), default=None,
               help="Write the whole ranking into this index's attributions table (replacing this adapter and token's).")
 @click.option("--contrast", is_flag=True,
@@ -635,8 +645,8 @@ def study() -> None:
 @study.command("hesitation")
 @click.option("--adapters", required=True,
               help="Adapter set directory; NAME=DIR names it as in the index (default: the directory's name).")
-@click.option("--base", required=True, help="Base model: Hugging Face id or local directory (only its MLPs are read).")
-@click.option("--target", required=True, help="Target (fine-tuned) model: Hugging Face id or local directory.")
+@base_option
+@target_option
 @click.option("--data", required=True, help="Held-out conversations with reference responses (JSONL or Parquet).")
 @click.option("--index", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The index of these adapters (tca index); the attributions are written into it.")
@@ -650,8 +660,8 @@ def study() -> None:
 @click.option("--attribution-tokens", default=20_000, show_default=True, help="Teacher-forced tokens attributed over.")
 @click.option("--contrast/--no-contrast", default=True, show_default=True,
               help="Attribute each word's logit minus that of what the target says instead.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@splice_dtype_option
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole study as JSON.")
 def study_hesitation(adapters, base, target, data, index, out, words, prompts, max_new_tokens, max_features,
                      clamp_scales, attribution_tokens, contrast, dtype, device, as_json) -> None:

@@ -264,7 +264,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     hesitation = candidates[:chosen] if chosen else []
     control = None
     if hesitation:
-        control = _control(cfg, mlps, hesitation, run)
+        control = _control(cfg, name, mlps, hesitation, run)
     sufficiency = []
     by_key = {(c.layer, c.feature): c for c in candidates}
     features = [(c.layer, c.feature) for c in (hesitation or candidates[:1])]
@@ -295,11 +295,11 @@ def _meets(cfg: StudyConfig, adapted: Figures, ablated: Figures) -> bool:
     return cut >= cfg.cut and kept
 
 
-def _control(cfg: StudyConfig, mlps: dict, hesitation: list[Feature], run) -> Trial:
+def _control(cfg: StudyConfig, name: str, mlps: dict, hesitation: list[Feature], run) -> Trial:
     """As many random features ablated as the hesitation features, drawn from the same layers'
     live features (those the index saw fire) minus the candidates."""
     live = query(cfg.index, "SELECT layer, feature FROM features WHERE adapter = $a AND n_active > 0 ORDER BY ALL",
-                 {"a": adapter_name(cfg.adapters)[0]}).to_pylist()
+                 {"a": name}).to_pylist()
     taken = {(f.layer, f.feature) for f in hesitation}
     pool = [(r["layer"], r["feature"]) for r in live if r["layer"] in mlps and (r["layer"], r["feature"]) not in taken]
     features = random.Random(cfg.seed).sample(pool, min(len(hesitation), len(pool)))

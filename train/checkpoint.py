@@ -156,3 +156,11 @@ def restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str
             i, key = name[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(i), {})[key] = t
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` written after the checkpoint at ``step`` by the run
+    that was interrupted, so a resumed run's records follow on without repeats."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))

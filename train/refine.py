@@ -52,11 +52,12 @@ from tca.train.checkpoint import (
     restore_optimizer,
     save_adapters,
     save_checkpoint,
+    truncate_metrics,
 )
 from tca.train.evaluate import kl_and_nmse, mode
 from tca.train.lockstep import Lockstep, StreamsOut
 from tca.train.splice import adapted_mlps, load_adapted, target_tokenizer
-from tca.train.trainer import MAX_LR_SCALE, PAPER_D, PAPER_FEATURES, PAPER_LR, lr_at
+from tca.train.trainer import default_features, default_lr, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,6 @@ class RefineConfig:
     """Steps between checkpoints."""
 
 
-def default_lr(features: int, refining: bool, div: float) -> float:
-    """``tca train``'s scaled lr (docs/train.md), smaller when refining trained adapters."""
-    lr = PAPER_LR * min(math.sqrt(PAPER_FEATURES / features), MAX_LR_SCALE)
-    return lr / div if refining else lr
-
-
 class Refiner:
     """Holds the model, data and optimizer of one run; ``run`` trains to the end."""
 
@@ -167,7 +162,8 @@ class Refiner:
                            f"give more data or a smaller eval_tokens.")
         self.source = self._adapter_set(cfg, target_src.d_model, n_layers)
         if cfg.lr is None:
-            cfg = dataclasses.replace(cfg, lr=default_lr(self.source.config.n_features, not cfg.from_zero, cfg.lr_refine_div))
+            lr = default_lr(self.source.config.n_features)
+            cfg = dataclasses.replace(cfg, lr=lr if cfg.from_zero else lr / cfg.lr_refine_div)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = load_adapted(self.source, cfg.base, cfg.target, device=str(self.device), dtype=cfg.dtype,
@@ -190,6 +186,7 @@ class Refiner:
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 5)
         self.cutoff_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
         self.step, self.tokens_seen = 0, 0
+        self.last_eval: dict | None = None
         self._epoch: tuple[int, list[TokenBatch]] | None = None
         if state is not None:
             self._restore(state, tensors)
@@ -211,7 +208,7 @@ class Refiner:
             raise TcaError(f"--cutoffs {cfg.cutoffs} exceeds the {n_layers - 1} cut-offs 1..{n_layers - 1} of {cfg.target}.")
         layers = parse_layers(cfg.layers, n_layers)
         if cfg.from_zero:
-            features = cfg.features or max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
+            features = cfg.features or default_features(d_model)
             acfg = AdapterConfig(d_model=d_model, n_features=features, activation=cfg.activation, l1=cfg.l1, k=cfg.k)
             # seeded by seed and layer, as tca train seeds its adapters
             adapters = {i: Adapter(acfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in layers}
@@ -284,7 +281,7 @@ class Refiner:
             prefix = f"adapter.{i}."
             a.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         restore_optimizer("opt", self.opt, tensors, state["optimizer"])
-        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        truncate_metrics(self.out / "metrics.jsonl", self.step)
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -367,7 +364,7 @@ class Refiner:
 
     def finish(self) -> dict:
         """Write the refined adapter set and ``summary.json``; return the summary."""
-        final = getattr(self, "last_eval", None) or self.evaluate()
+        final = self.last_eval or self.evaluate()
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("out", "resume", "device")}
         adapters = {i: a.cpu().eval() for i, a in self.adapters.items()}
         extra = {**self.source.extra, "refine": settings, "refined_from": self.cfg.adapters,
@@ -388,12 +385,6 @@ def _split(docs: list[list[int]], eval_tokens: int) -> tuple[list[list[int]], li
         cut += 1
     return docs[:cut], docs[cut:]
 
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint by the run that was interrupted."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 def refine(cfg: RefineConfig, on_step: Callable[[int], None] | None = None) -> dict:

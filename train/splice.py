@@ -222,15 +222,16 @@ def set_adapters(model: nn.Module, enabled: bool) -> None:
 
 def _edit_hook(edit: FeatureEdit) -> ActsHook:
     features = torch.tensor(sorted(set(edit.features)), dtype=torch.long)
+    selected = None if edit.token_ids is None else torch.tensor(sorted(edit.token_ids), dtype=torch.long)
 
     def hook(mlp: AdaptedMLP, acts: torch.Tensor) -> torch.Tensor:
         idx = features.to(acts.device)
         value = torch.full((*acts.shape[:-1], len(idx)), edit.value, dtype=acts.dtype, device=acts.device)
-        if edit.token_ids is not None:
+        if selected is not None:
             ids = mlp.input_ids()
             if ids is None:
                 raise ValueError("token-selected edits need the model's input_ids")
-            where = torch.isin(ids.to(acts.device), torch.tensor(sorted(edit.token_ids), device=acts.device))
+            where = torch.isin(ids.to(acts.device), selected.to(acts.device))
             value = torch.where(where[..., None], value, acts.index_select(-1, idx))
         return acts.index_copy(-1, idx, value)
 

@@ -33,6 +33,7 @@ from tca.train.checkpoint import (
     save_adapters,
     save_checkpoint,
     store_models,
+    truncate_metrics,
 )
 from tca.train.loader import ActivationLoader, Batch, LoaderConfig
 from tca.train.metrics import MetricSums
@@ -113,13 +114,23 @@ class TrainConfig:
     """Held-out rows used per evaluation."""
 
 
+def default_features(d_model: int) -> int:
+    """The paper's 8192 features at width 3584, scaled to ``d_model`` (the nearest power of two)."""
+    return max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
+
+
+def default_lr(features: int) -> float:
+    """The paper's lr 8e-4 at 8192 features, times sqrt(8192 / features), at most 8x."""
+    return PAPER_LR * min(math.sqrt(PAPER_FEATURES / features), MAX_LR_SCALE)
+
+
 def scaled_defaults(cfg: TrainConfig, d_model: int, n_rows: int) -> TrainConfig:
     """``cfg`` with every size left at None fixed from the store's width and rows, so the
     checkpoint records concrete values and a resumed run cannot drift."""
-    features = cfg.features or max(32, 2 ** round(math.log2(PAPER_FEATURES * d_model / PAPER_D)))
+    features = cfg.features or default_features(d_model)
     train_rows = max(1, int(n_rows * (1 - cfg.holdout_frac)))
     batch = cfg.batch or max(8, min(PAPER_BATCH, 2 ** int(math.log2(max(train_rows // 256, 1)))))
-    lr = cfg.lr or PAPER_LR * min(math.sqrt(PAPER_FEATURES / features), MAX_LR_SCALE)
+    lr = cfg.lr or default_lr(features)
     epochs = cfg.epochs
     if epochs is None and cfg.tokens is None:
         epochs = float(max(1, math.ceil(MIN_STEPS / max(train_rows // batch, 1))))
@@ -286,14 +297,7 @@ class Trainer:
             m.adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             restore_optimizer(f"opt.{m.key}", m.opt, tensors, state["optimizers"][m.key])
             m.adapter.gate.density = state.get("gate_density", {}).get(m.key)
-        self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        """Drop records written after the checkpoint by the run that was interrupted."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
+        truncate_metrics(self.out / "metrics.jsonl", self.step)
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint", *self._state())
