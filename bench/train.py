@@ -1,6 +1,9 @@
 """Trainer benchmark: ratios measured side by side in one run, printed as JSON lines.
 
     loader      shuffled batches/s  /  sequential read of the same arrays       (goal >= 0.8)
+                (through zarr, block by block; ``ratio_direct`` against tca's own shard
+                reader, which the loader uses: the upper bound, since shuffling costs one
+                scattered copy of every row that a sequential read does not make)
     trainer     tokens/s end to end /  the same steps on batches already in RAM (goal >= 0.8)
     step        tca's adapter step  /  a plain dense PyTorch step of the same adapter
 
@@ -28,13 +31,19 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def sequential_batches_per_s(store: Store, layer: int, batch: int) -> float:
-    """Read every chunk in order, decode to float32 and cut into batches, as fast as possible."""
-    arrays = [store.array(layer, name) for name in ("x", "delta")]
-    step, n, pending = store.spec.chunk_rows, 0, 0
+def sequential_batches_per_s(store: Store, layer: int, batch: int, direct: bool) -> float:
+    """Read every block in order, decode to float32 and cut into batches, as fast as possible:
+    through zarr (the format's own reader) or through tca's shard reader (the loader's)."""
+    names = ("x", "delta")
+    arrays = [store.array(layer, name) for name in names]
+    readers = [store.shard_reader(layer, name) for name in names]
+    encoding = arrays[0].attrs["tca_encoding"]
+    step, n, pending = store.spec.block_rows, 0, 0
     t0 = time.perf_counter()
     for start in range(0, store.n_rows, step):
-        parts = [decode(a[start : start + step], a.attrs["tca_encoding"]).float() for a in arrays]
+        stop = min(start + step, store.n_rows)
+        raw = [r.read(start, stop) for r in readers] if direct else [a[start:stop] for a in arrays]
+        parts = [decode(values, encoding).float() for values in raw]
         pending += parts[0].shape[0]
         while pending >= batch:
             pending -= batch
@@ -142,13 +151,15 @@ def main() -> None:
         spec = SyntheticSpec(d_model=args.d, layers=(0,), n_docs=args.rows // doc_len, doc_len=doc_len,
                              dtype="bfloat16", block_rows=4096, chunk_rows=512)
         store = make_synthetic_store(f"{tmp}/store", spec)
-        seq = shuf = steady = 0.0
+        zarr_seq = direct_seq = shuf = steady = 0.0
         for _ in range(3):  # interleaved, best of three: page cache and other processes hit both alike
-            seq = max(seq, sequential_batches_per_s(store, 0, args.batch))
+            zarr_seq = max(zarr_seq, sequential_batches_per_s(store, 0, args.batch, direct=False))
+            direct_seq = max(direct_seq, sequential_batches_per_s(store, 0, args.batch, direct=True))
             rate, rate_steady, stats = shuffled_batches_per_s(store, 0, args.batch)
             shuf, steady = max(shuf, rate), max(steady, rate_steady)
-        emit(bench="loader", shuffled_batches_s=shuf, sequential_batches_s=seq, ratio=shuf / seq,
-             steady_batches_s=steady, steady_ratio=steady / seq,
+        emit(bench="loader", shuffled_batches_s=shuf, sequential_zarr_batches_s=zarr_seq, ratio=shuf / zarr_seq,
+             sequential_direct_batches_s=direct_seq, ratio_direct=shuf / direct_seq,
+             steady_batches_s=steady, steady_ratio=steady / zarr_seq,
              mixing=stats["mixing"], docs_per_batch=stats["docs_per_batch"], read_mb_s=stats["read_mb_s"],
              rows=args.rows, d=args.d, dtype="bfloat16", batch=args.batch)
         emit(bench="trainer", **trainer_ratio(f"{tmp}/store", f"{tmp}/run", args.features, args.batch, args.steps),

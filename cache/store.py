@@ -24,6 +24,7 @@ returning wrong numbers. docs/store.md describes the format for readers without 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,7 @@ import torch
 import zarr
 
 from tca import TcaError
+from tca.cache.shard import ZSTD_LEVEL, ShardReader, shard_bytes
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +255,11 @@ class Store:
         """
         return sorted(self.fs.glob(self.root.rstrip("/") + "/**/*.partial"))
 
-    @property
+    @functools.cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
         return _split_url(self.url, self.storage_options)[0]
 
-    @property
+    @functools.cached_property
     def root(self) -> str:
         """The store's path inside ``fs``."""
         return _split_url(self.url, self.storage_options)[1].rstrip("/")
@@ -291,6 +293,15 @@ class Store:
         if name not in self.spec.array_names:
             raise TcaError(f"{self.url} has no '{name}' arrays; it holds {list(self.spec.array_names)}.")
         return self.group[f"layers/{layer}/{name}"]
+
+    def shard_reader(self, layer: int, name: str) -> ShardReader:
+        """One array's rows straight from its shard files, for scattered reads of committed
+        rows; it does not check the commit flags (the loader reads only committed chunks)."""
+        self.array(layer, name)  # refuses a layer or array the store lacks
+        shard_rows, chunk_rows = self.spec.shard_layout
+        return ShardReader(self.fs, lambda block: self.shard_path(layer, name, block),
+                           np.dtype(_STORAGE_DTYPES[self.dtype][0]), self.spec.d_model,
+                           shard_rows, chunk_rows, self.spec.compressor)
 
     def block_range(self, block: int) -> tuple[int, int]:
         start = block * self.spec.block_rows
@@ -426,36 +437,6 @@ class Store:
 
 
 COMPRESSORS = ("none", "zstd")
-ZSTD_LEVEL = 1
-_EMPTY_CHUNK = 2**64 - 1
-
-
-def shard_bytes(values: np.ndarray, block_rows: int, chunk_rows: int, compressor: str) -> bytes:
-    """One block of a 2-D array as the file zarr's sharding codec reads: the inner chunks
-    (little-endian bytes, optionally zstd, each followed by its CRC32C), then the index of
-    (offset, length) pairs as little-endian uint64 with its own CRC32C. A short last block
-    pads its last chunk with the fill value 0, and chunks past the array's end are absent."""
-    import google_crc32c
-    from numcodecs.zstd import Zstd
-
-    def with_crc(payload: bytes) -> bytes:
-        return payload + int(google_crc32c.value(payload)).to_bytes(4, "little")
-
-    zstd = Zstd(level=ZSTD_LEVEL) if compressor == "zstd" else None
-    rows = values.shape[0]
-    index = np.full((block_rows // chunk_rows, 2), _EMPTY_CHUNK, dtype="<u8")
-    parts, offset = [], 0
-    for i, c0 in enumerate(range(0, rows, chunk_rows)):
-        chunk = values[c0 : c0 + chunk_rows]
-        if chunk.shape[0] < chunk_rows:
-            chunk = np.concatenate([chunk, np.zeros((chunk_rows - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)])
-        raw = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<")).tobytes()
-        encoded = with_crc(zstd.encode(raw) if zstd else raw)
-        index[i] = (offset, len(encoded))
-        parts.append(encoded)
-        offset += len(encoded)
-    parts.append(with_crc(index.tobytes()))
-    return b"".join(parts)
 
 
 def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -126,3 +126,51 @@ def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype, 
             assert Path(ours.shard_path(0, name, block)).read_bytes() == Path(theirs.shard_path(0, name, block)).read_bytes()
     assert torch.equal(ours.read(0, "x", 0, spec.n_rows), values)
     assert not list(Path(tmp_path / "ours").rglob("*.partial"))
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_shard_reader_equals_zarr(tmp_path, compressor, dtype):
+    """The loader's direct shard reader returns what zarr returns, for ranges inside a chunk,
+    across chunks and across blocks, including a short last block."""
+    from tca.cache.store import encode
+
+    spec = StoreSpec(layers=[0], d_model=8, dtype=dtype, n_rows=64 * 3 + 21, block_rows=64, chunk_rows=16,
+                     compressor=compressor)
+    store = Store.create(str(tmp_path / "s"), spec)
+    values = torch.randn(spec.n_rows, spec.d_model).to(getattr(torch, dtype))
+    for block in range(spec.n_blocks):
+        start, stop = store.block_range(block)
+        store.write_block(block, {0: {name: values[start:stop] for name in spec.array_names}})
+    reader, array = store.shard_reader(0, "delta"), store.array(0, "delta")
+    rng = np.random.default_rng(0)
+    ranges = [(0, spec.n_rows), (3, 9), (16, 32), (60, 70), (5, 150), (192, spec.n_rows)]
+    ranges += [tuple(sorted(rng.integers(0, spec.n_rows + 1, 2))) for _ in range(20)]
+    for start, stop in ranges:
+        got = reader.read(start, stop)
+        assert got.dtype == array.dtype and np.array_equal(got, array[start:stop]), (start, stop)
+        assert np.array_equal(got, encode(values[start:stop]))
+
+
+def test_shard_reader_refuses_damaged_shards(tmp_path):
+    from pathlib import Path
+
+    spec = StoreSpec(layers=[0], d_model=8, dtype="float32", n_rows=128, block_rows=64, chunk_rows=16)
+    store = Store.create(str(tmp_path / "s"), spec)
+    for block in range(2):
+        store.write_block(block, {0: {name: torch.randn(64, 8) for name in spec.array_names}})
+    reader = store.shard_reader(0, "x")
+    flipped = Path(store.shard_path(0, "x", 0))
+    data = bytearray(flipped.read_bytes())
+    data[600] ^= 0xFF  # inside the second chunk (bytes 516 to 1031)
+    flipped.write_bytes(bytes(data))
+    reader.read(0, 16)  # the first chunk is intact
+    with pytest.raises(TcaError, match="checksum"):
+        reader.read(10, 20)
+    cut = Path(store.shard_path(0, "x", 1))
+    cut.write_bytes(cut.read_bytes()[:-3])
+    with pytest.raises(TcaError, match="index is damaged"):
+        reader.read(64, 70)
+    cut.unlink()
+    with pytest.raises(TcaError, match="missing"):
+        store.shard_reader(0, "x").read(64, 70)

@@ -98,7 +98,9 @@ class ActivationLoader:
 
     def __init__(self, store: Store, layers: list[int], cfg: LoaderConfig):
         self.store, self.layers, self.cfg = store, list(layers), cfg
-        self.arrays = {(layer, name): store.array(layer, name) for layer in layers for name in store.spec.array_names}
+        self.readers = {(layer, name): store.shard_reader(layer, name)
+                        for layer in layers for name in store.spec.array_names}
+        self.encoding = store.array(layers[0], "x").attrs["tca_encoding"]
         self.has_y = "y" in store.spec.array_names
         self.chunks = self._committed_chunks()
         usable = np.zeros(store.n_rows, dtype=bool)
@@ -164,32 +166,42 @@ class ActivationLoader:
 
     def _read_chunk(self, start: int, stop: int, names: tuple[str, ...]) -> dict[tuple[int, str], torch.Tensor]:
         out = {}
-        for (layer, name), arr in self.arrays.items():
+        for (layer, name), reader in self.readers.items():
             if name in names:
-                out[layer, name] = decode(arr[start:stop], arr.attrs["tca_encoding"])
+                out[layer, name] = decode(reader.read(start, stop), self.encoding)
         self.stats.add_read(sum(t.numel() * t.element_size() for t in out.values()))
         return out
 
-    def _submit_window(self, chunks, names) -> list[Future]:
-        return [self._pool.submit(self._read_chunk, a, b, names) for a, b in chunks]
+    def _read_into(self, start, stop, local: np.ndarray, places: np.ndarray, dest) -> None:
+        """Put rows ``start + local`` (ascending) at ``places`` of the window ``dest``: one copy
+        per row, in numpy, straight from the bytes read."""
+        nbytes = 0
+        for key, out in dest.items():
+            for at, rows in self.readers[key].pieces(start, stop):
+                lo, hi = np.searchsorted(local, [at, at + len(rows)])
+                out[places[lo:hi]] = rows if hi - lo == len(rows) else rows[local[lo:hi] - at]
+                nbytes += rows.nbytes
+        self.stats.add_read(nbytes)
 
-    @staticmethod
-    def _gather(chunks, futures: list[Future], rows: np.ndarray) -> dict[tuple[int, str], torch.Tensor]:
-        """The given global rows of a window, from its chunk reads."""
-        order = np.argsort([a for a, _ in chunks])
-        parts = [futures[i].result() for i in order]
-        starts = np.array([chunks[i][0] for i in order])
-        which = np.searchsorted(starts, rows, side="right") - 1
-        out = {}
-        for key, first in parts[0].items():
-            # one copy: each chunk's rows go straight to their shuffled places
-            dest = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
-            for i, part in enumerate(parts):
-                at = np.flatnonzero(which == i)
-                if len(at):
-                    dest[torch.from_numpy(at)] = part[key][torch.from_numpy(rows[at] - starts[i])]
-            out[key] = dest
-        return out
+    def _submit_window(self, chunks, rows: np.ndarray) -> tuple[dict, list[Future]]:
+        """Start reading a window: each read puts its rows straight at their shuffled places
+        (one copy, on the read threads); neighbouring chunks are merged into one read."""
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        dest = {key: np.empty((len(rows), self.store.d_model), dtype=reader.dtype)
+                for key, reader in self.readers.items() if key[1] in ("x", "delta")}
+        runs: list[list[int]] = []
+        for a, b in sorted(chunks):
+            if runs and runs[-1][1] == a:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b])
+        futures = []
+        for a, b in runs:
+            lo, hi = np.searchsorted(ordered, [a, b])
+            if lo < hi:  # a run of held-out rows only is not read at all
+                futures.append(self._pool.submit(self._read_into, a, b, ordered[lo:hi] - a, order[lo:hi], dest))
+        return dest, futures
 
     # ---- training batches ----------------------------------------------------------------------
 
@@ -233,35 +245,43 @@ class ActivationLoader:
             stop.set()
             thread.join()
 
-    def _epoch_batches(self, epoch: int, start_batch: int):
-        B = self.cfg.batch
-        windows = self.windows(epoch)
-        ends = np.cumsum([len(rows) for _, rows in windows])
-        skip = start_batch * B
-        first = int(np.searchsorted(ends, skip, side="right"))
-        remaining = (self.batches_per_epoch - start_batch) * B
-        pending: list[tuple[dict, np.ndarray]] = []
-        n_pending = 0
-        futures = self._submit_window(windows[first][0], ("x", "delta")) if first < len(windows) else None
-        for w in range(first, len(windows)):
+    def _plan(self, epoch: int, start_batch: int) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
+        """The windows of an epoch still to read, each with the rows it contributes, in order."""
+        skip = start_batch * self.cfg.batch
+        remaining = (self.batches_per_epoch - start_batch) * self.cfg.batch
+        plan = []
+        for chunks, rows in self.windows(epoch):
             if remaining <= 0:
                 break
-            chunks, rows = windows[w]
-            if w == first:
-                rows = rows[skip - (ends[w - 1] if w else 0):]
-            current = futures
-            futures = self._submit_window(windows[w + 1][0], ("x", "delta")) if w + 1 < len(windows) else None
-            take = rows[:remaining]
-            remaining -= len(take)
-            data = self._gather(chunks, current, take)
-            pending.append((data, take))
-            n_pending += len(take)
-            while n_pending >= B:
-                batch, pending, n_pending = self._cut(pending, B)
-                yield batch
-        if futures is not None:
-            for f in futures:
-                f.cancel()
+            if skip >= len(rows):
+                skip -= len(rows)
+                continue
+            take = rows[skip:][:remaining]
+            skip, remaining = 0, remaining - len(take)
+            plan.append((chunks, take))
+        return plan
+
+    def _epoch_batches(self, epoch: int, start_batch: int):
+        B = self.cfg.batch
+        plan = self._plan(epoch, start_batch)
+        pending: list[tuple[dict, np.ndarray]] = []
+        n_pending = 0
+        ahead = self._submit_window(*plan[0]) if plan else None
+        try:
+            for w, (_, rows) in enumerate(plan):
+                dest, futures = ahead
+                ahead = self._submit_window(*plan[w + 1]) if w + 1 < len(plan) else None
+                for future in futures:
+                    future.result()
+                pending.append(({key: decode(values, self.encoding) for key, values in dest.items()}, rows))
+                n_pending += len(rows)
+                while n_pending >= B:
+                    batch, pending, n_pending = self._cut(pending, B)
+                    yield batch
+        finally:
+            if ahead is not None:
+                for future in ahead[1]:
+                    future.cancel()
 
     def _cut(self, pending, B):
         """The first ``B`` pending rows as a batch, and what is left."""
