@@ -6,14 +6,21 @@ user can fix) becomes one sentence and exit status 2; ``--debug`` shows the trac
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import errno
+import inspect
 import json
 import logging
+import re
 import sys
+import types
+import typing
 
 import click
 
 from tca import TcaError, __version__
+from tca.train.config import RefineConfig, TrainConfig, parse_list
 
 log = logging.getLogger("tca")
 
@@ -52,6 +59,78 @@ target_option = click.option("--target", required=True,
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 splice_dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                                    show_default=True)
+
+
+class _CommaList(click.ParamType):
+    """A comma list of positive numbers such as ``0.001,0.003`` (``parse_list``'s one sentence when not)."""
+
+    def __init__(self, kind: type):
+        self.kind, self.name = kind, f"{kind.__name__},..."
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, list) else parse_list(value, self.kind, param.opts[0])
+
+
+def _click_type(hint):
+    """The click type of a field's annotation: str, int, float, ``X | None``, Literal or list."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _click_type(args[0])
+    if origin is typing.Literal:
+        return click.Choice(args)
+    if origin is list:
+        return _CommaList(args[0])
+    return hint
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal after it) as one paragraph, for ``--help``:
+    a ``name`` in it reads as that field's flag, or that constant's value, or else the bare name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    constants = vars(sys.modules[cls.__module__])
+
+    def plain(m: re.Match) -> str:
+        name = m.group(1)
+        if name in names:
+            return "--" + name.replace("_", "-")
+        value = constants.get(name)
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else name
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {
+        node.target.id: re.sub(r"``([^`]+)``", plain, " ".join(after.value.value.split()))
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+    }
+
+
+def config_options(cls):
+    """A decorator adding one option per field of the dataclass ``cls``, so the config is the one
+    place a setting is described: ``--field-name`` of the field's type and default, its docstring
+    as help; a field without a default is required, a bool is a flag (``--x/--no-x`` when on by
+    default), a list is a comma list."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+
+    def option(f: dataclasses.Field):
+        flag, hint, doc = "--" + f.name.replace("_", "-"), hints[f.name], docs[f.name]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if hint is bool:
+            decl = f"{flag}/--no-{flag[2:]}" if default else flag
+            return click.option(decl, f.name, is_flag=True, default=default, show_default=default, help=doc)
+        if default is dataclasses.MISSING:
+            return click.option(flag, f.name, type=_click_type(hint), required=True, help=doc)
+        if isinstance(default, list):
+            default = ",".join(map(str, default))  # shown as typed, parsed like a typed value
+        return click.option(flag, f.name, type=_click_type(hint), default=default, show_default=default is not None,
+                            help=doc)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):  # last first, as stacked decorators: --help in field order
+            fn = option(f)(fn)
+        return fn
+
+    return decorate
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -366,41 +445,13 @@ def report_cmd(index, layer, feature, out, all_features, adapter, k, context) ->
 
 
 @main.command("train")
-@click.option("--cache", "cache_url", required=True, help="The activation store (path or fsspec URL).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory: adapters, metrics, checkpoint.")
-@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
-@click.option("--features", type=int, default=None,
-              help="Features per adapter [default: 8192 at width 3584, scaled to the store's width].")
-@click.option("--activation", type=click.Choice(["relu", "jumprelu", "topk", "batchtopk"]), default="relu",
-              show_default=True)
-@click.option("--l1", default=None, help="Sparsity coefficient(s), e.g. 0.01 or a sweep 0.003,0.01,0.03 (relu, jumprelu).")
-@click.option("--k", "k_values", default="32", show_default=True, help="Active features per token, or a sweep 16,32 (topk, batchtopk).")
-@click.option("--lr", type=float, default=None,
-              help="Peak AdamW learning rate [default: 8e-4 at 8192 features, times sqrt(8192 / features), at most 6.4e-3].")
-@click.option("--batch", type=int, default=None,
-              help="Tokens per step [default: 4096, less on a store too small for 256 steps per epoch].")
-@click.option("--tokens", type=int, default=None, help="Training tokens (default: --epochs passes).")
-@click.option("--epochs", type=float, default=None,
-              help="Passes over the training rows when --tokens is not given [default: 1, or enough for 1500 steps].")
-@click.option("--holdout-frac", default=0.05, show_default=True, help="Fraction of documents held out for evaluation.")
-@click.option("--no-dec-bias", is_flag=True, help="Train without a decoder bias.")
-@click.option("--drop-outliers", type=float, default=None, help="Skip rows with ||x|| above Z times the layer median.")
-@device_option
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, hold-out split and data order.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
+@config_options(TrainConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, batch, tokens, epochs, holdout_frac,
-              no_dec_bias, drop_outliers, device, seed, resume, as_json) -> None:
+def train_cmd(as_json: bool, **fields) -> None:
     """Train sparse transcoder adapters offline from an activation store."""
-    from tca.train.trainer import DEFAULT_L1, TrainConfig, parse_list, train
+    from tca.train.trainer import train
 
-    cfg = TrainConfig(
-        cache=cache_url, out=out, layers=layers, features=features, activation=activation,
-        l1=parse_list(l1, float, "--l1") if l1 else [DEFAULT_L1], k=parse_list(k_values, int, "--k"), lr=lr,
-        batch=batch, tokens=tokens, epochs=epochs, holdout_frac=holdout_frac, dec_bias=not no_dec_bias,
-        drop_outliers=drop_outliers, device=device, seed=seed, resume=resume,
-    )
-    summary = train(cfg)
+    summary = train(TrainConfig(**fields))
 
     def render(d: dict) -> None:
         for name, member in d["members"].items():
@@ -413,43 +464,13 @@ def train_cmd(cache_url, out, layers, features, activation, l1, k_values, lr, ba
 
 
 @main.command("refine")
-@click.option("--adapters", default=None, help="Offline-trained adapter set to refine (or --from-zero).")
-@base_option
-@target_option
-@click.option("--data", required=True, help="JSONL or Parquet of conversations or texts; the first documents are held out.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the refined adapter set.")
-@click.option("--from-zero", is_flag=True, help="Start from new zero-decoder adapters (the reference's recipe).")
-@click.option("--layers", default="all", show_default=True, help="'all' or a list like 0,3,5-7.")
-@click.option("--features", type=int, default=None, help="--from-zero: features per adapter [default: as tca train].")
-@click.option("--activation", type=click.Choice(["relu", "topk"]), default="relu", show_default=True,
-              help="--from-zero: the adapters' activation.")
-@click.option("--k", default=32, show_default=True, help="--from-zero with topk: active features per token.")
-@click.option("--tokens", type=int, default=None, help="Training tokens [default: one pass over --data].")
-@click.option("--seq-len", default=1024, show_default=True, help="Tokens kept per document.")
-@click.option("--batch", default=8, show_default=True, help="Documents per step.")
-@click.option("--eval-tokens", default=8192, show_default=True, help="Tokens of the first documents held out.")
-@click.option("--lambda-kl", default=2.0, show_default=True, help="Weight of the KL terms.")
-@click.option("--lambda-nmse", default=1.0, show_default=True, help="Weight of the hidden-state NMSE.")
-@click.option("--cutoffs", default=1, show_default=True, help="Layer cut-offs sampled per step for the mixed models.")
-@click.option("--l1", type=float, default=None, help="Weight of the decoder-norm-weighted L1 [default: 1.0].")
-@click.option("--lr", type=float, default=None,
-              help="Peak AdamW learning rate [default: tca train's for the width, /4 when refining].")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="The models' weights (adapters train in float32).")
-@device_option
-@click.option("--seed", default=0, show_default=True, help="Seed of new adapters, document order and cut-offs.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (same configuration).")
+@config_options(RefineConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def refine_cmd(adapters, base, target, data, out, from_zero, layers, features, activation, k, tokens, seq_len, batch,
-               eval_tokens, lambda_kl, lambda_nmse, cutoffs, l1, lr, dtype, device, seed, resume, as_json) -> None:
+def refine_cmd(as_json: bool, **fields) -> None:
     """Refine adapters end to end: KL to the target (also at layer cut-offs), hidden-state NMSE and L1."""
-    from tca.train.refine import DEFAULT_L1, RefineConfig, refine
+    from tca.train.refine import refine
 
-    summary = refine(RefineConfig(
-        base=base, target=target, data=data, out=out, adapters=adapters, from_zero=from_zero, layers=layers,
-        features=features, activation=activation, k=k, tokens=tokens, seq_len=seq_len, batch=batch,
-        eval_tokens=eval_tokens, lambda_kl=lambda_kl, lambda_nmse=lambda_nmse, cutoffs=cutoffs, l1=DEFAULT_L1 if l1 is None else l1, lr=lr,
-        dtype=dtype, device=device, seed=seed, resume=resume))
+    summary = refine(RefineConfig(**fields))
 
     def render(d: dict) -> None:
         closed = "n/a" if d["fraction_closed"] is None else f"{d['fraction_closed']:.1%}"
@@ -676,7 +697,6 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
     import dataclasses
 
     from tca.query.study import StudyConfig, hesitation_study
-    from tca.train.trainer import parse_list
 
     cfg = StudyConfig(adapters=adapters, base=base, target=target, data=data, index=index, out=out,
                       words=[w.strip() for w in words.split(",") if w.strip()], prompts=prompts,

@@ -27,6 +27,7 @@ from tca.cache.plan import PlanConfig
 from tca.cache.store import Store
 from tca.toy.demo import DEMO_PAIR
 from tca.train.checkpoint import load_adapters
+from tca.train.config import REFINE_L1
 from tca.train.evaluate import EvalConfig, evaluate
 from tca.train.loader import ActivationLoader, LoaderConfig
 from tca.train.metrics import MetricSums
@@ -81,13 +82,13 @@ def refined(out: Path, tokens: int, adapters: Path | None, l1: float) -> tuple[i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="A quarter of the tokens (about a minute).")
-    ap.add_argument("--l1", type=float, default=None, help="Refinement L1 weight (default: tca refine's).")
+    ap.add_argument("--l1", type=float, default=REFINE_L1, help="Refinement L1 weight (default: tca refine's, %(default)s).")
     ap.add_argument("--refine-share", type=float, default=0.25, help="Share of the tokens the second recipe refines on.")
     ap.add_argument("--val-tokens", type=int, default=20_000, help="Teacher-forced tokens of val.jsonl for the KL.")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    l1 = args.l1 if args.l1 is not None else RefineConfig.l1
+    l1 = args.l1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = str(tmp / "store")

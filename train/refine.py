@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -54,88 +53,13 @@ from tca.train.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
+from tca.train.config import REFINE_ACTIVATIONS, RefineConfig
 from tca.train.evaluate import kl_and_nmse, mode
 from tca.train.lockstep import Lockstep, StreamsOut
 from tca.train.splice import adapted_mlps, load_adapted, target_tokenizer
 from tca.train.trainer import default_features, default_lr, lr_at
 
 log = logging.getLogger(__name__)
-
-DEFAULT_L1 = 1.0
-"""Calibrated on the demo pair (docs/train.md, Refinement)."""
-ACTIVATIONS = ("relu", "topk")
-"""Activations refinement trains: the reference's ReLU with its L1, and TopK."""
-
-
-@dataclass
-class RefineConfig:
-    """Everything ``tca refine`` needs; saved in the checkpoint and reused on ``--resume``."""
-
-    base: str
-    """Base model: local directory or Hugging Face id (only its MLP weights are read)."""
-    target: str
-    """Target model: local directory or Hugging Face id."""
-    data: str
-    """JSONL or Parquet of conversations or texts, rendered as the harvester renders them."""
-    out: str
-    """Directory for the refined adapter set, checkpoint, metrics.jsonl and summary.json."""
-    adapters: str | None = None
-    """The adapter set to start from (offline-trained); None with ``from_zero``."""
-    from_zero: bool = False
-    """Start from new adapters with a zero decoder (the reference's recipe) instead of ``adapters``."""
-    layers: str = "all"
-    """``all`` or a list like ``0,3,5-7``: the set's layers to refine, or with ``from_zero`` the
-    layers to create adapters for."""
-    features: int | None = None
-    """With ``from_zero``: features per adapter; None: ``tca train``'s default (8192 at width 3584,
-    scaled to the model's width)."""
-    activation: str = "relu"
-    """With ``from_zero``: ``relu`` or ``topk``."""
-    k: int = 32
-    """With ``from_zero`` and ``topk``: active features per token."""
-    tokens: int | None = None
-    """Training tokens (real, unpadded); None: one pass over the training documents."""
-    seq_len: int = 1024
-    """Tokens kept per document."""
-    batch: int = 8
-    """Documents per step."""
-    lambda_kl: float = 2.0
-    """Weight of the KL terms (fully adapted and mixed models)."""
-    lambda_nmse: float = 1.0
-    """Weight of the mean per-layer hidden-state NMSE."""
-    cutoffs: int = 1
-    """Distinct layer cut-offs drawn per step from 1..L-1 (0: no mixed models)."""
-    l1: float = DEFAULT_L1
-    """Weight of the decoder-norm-weighted L1 of the activations (ReLU adapters)."""
-    lr: float | None = None
-    """Peak AdamW learning rate; None: ``tca train``'s default for the adapters' width, divided
-    by ``lr_refine_div`` when starting from offline adapters."""
-    lr_refine_div: float = 4.0
-    """How much smaller the default lr is when refining offline adapters (they start near a
-    good solution)."""
-    warmup_frac: float = 0.05
-    """Fraction of steps with linearly rising learning rate."""
-    grad_clip: float = 1.0
-    """Clipping of the gradient norm over all adapters."""
-    eval_tokens: int = 8192
-    """Tokens of the first documents of ``data`` held out for evaluation."""
-    dtype: str = "float32"
-    """``float32`` or ``bfloat16``: the models' weights (the adapters always train in float32;
-    bfloat16 halves the weights' memory, the choice for a 7B pair on one GPU)."""
-    checkpointing: bool = True
-    """Recompute each layer in backward instead of keeping its activations."""
-    device: str = "auto"
-    """auto (CUDA when present) | cpu | cuda."""
-    resume: bool = False
-    """Continue the run in ``out`` from its checkpoint."""
-    seed: int = 0
-    """Seeds new adapters, document order and the cut-offs."""
-    log_every: int = 10
-    """Steps between training records in metrics.jsonl."""
-    eval_every: int = 0
-    """Steps between held-out evaluations (0: five per run)."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints."""
 
 
 class Refiner:
@@ -199,8 +123,8 @@ class Refiner:
             raise TcaError("give either --adapters (offline adapters to refine) or --from-zero, not both or neither.")
         if cfg.batch < 1 or cfg.seq_len < 2 or cfg.cutoffs < 0 or (cfg.tokens is not None and cfg.tokens < 1):
             raise TcaError("--batch and --tokens must be positive, --seq-len at least 2 and --cutoffs at least 0.")
-        if cfg.activation not in ACTIVATIONS:
-            raise TcaError(f"refinement trains {' or '.join(ACTIVATIONS)} adapters, not {cfg.activation!r}.")
+        if cfg.activation not in REFINE_ACTIVATIONS:
+            raise TcaError(f"refinement trains {' or '.join(REFINE_ACTIVATIONS)} adapters, not {cfg.activation!r}.")
 
     def _adapter_set(self, cfg: RefineConfig, d_model: int, n_layers: int) -> AdapterSet:
         """The adapters to start from: the offline set's chosen layers, or new ones."""
@@ -216,9 +140,9 @@ class Refiner:
         if not Path(cfg.adapters).is_dir():
             raise TcaError(f"the adapters directory {cfg.adapters} does not exist.")
         aset = load_adapters(cfg.adapters)
-        if aset.config.activation not in ACTIVATIONS:
+        if aset.config.activation not in REFINE_ACTIVATIONS:
             raise TcaError(f"{cfg.adapters} holds {aset.config.activation} adapters; refinement trains "
-                           f"{' or '.join(ACTIVATIONS)} adapters.")
+                           f"{' or '.join(REFINE_ACTIVATIONS)} adapters.")
         if aset.config.d_model != d_model:
             raise TcaError(f"{cfg.adapters} reads width {aset.config.d_model}, but {cfg.target} has hidden size "
                            f"{d_model}; the adapters were trained on another model.")
