@@ -354,7 +354,12 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         f"- **Sufficient: {'yes' if report.sufficient else 'no'}.** Clamped on in the hybrid ({best.name}), they "
         f"produce {best.figures.hesitations:.2f} hesitations per response ({best.figures.hesitating:.0%} of responses) "
         f"where the hybrid has {report.baseline['hybrid'].hesitations:.2f} and the target "
-        f"{report.baseline['target'].hesitations:.2f}."
+        f"{report.baseline['target'].hesitations:.2f}. Teacher-forced on the target's traces, the clamps raise "
+        f"p(words) from the hybrid's {report.baseline_p_words['hybrid']:.3f} to at most "
+        f"{max(t.p_words for t in report.sufficiency):.3f} (target {report.baseline_p_words['target']:.3f}). "
+        f"Generation can only show hesitation where the hybrid writes a trace to hesitate in: its responses "
+        f"average {report.baseline['hybrid'].mean_length:.1f} tokens, the target's "
+        f"{report.baseline['target'].mean_length:.1f}."
     )
     baseline = [Trial(m, 0, [], f, report.baseline_p_words[m]) for m, f in report.baseline.items()]
     baseline.append(Trial("target, hesitation words banned", 0, [], report.target_banned, 0.0))
