@@ -675,7 +675,10 @@ def study() -> None:
 @click.option("--words", default="Wait", show_default=True, help="Hesitation words, comma-separated, one token each.")
 @click.option("--prompts", default=100, show_default=True, help="Held-out prompts generated from per condition.")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Longest generated response.")
-@click.option("--max-features", default=64, show_default=True, help="Largest candidate set ablated.")
+@click.option("--max-features", default=64, show_default=True,
+              help="Most candidates tried before giving up on the necessity criterion.")
+@click.option("--min-before-word", default=0.05, show_default=True,
+              help="Least share of a candidate's indexed activations on the token just before a hesitation word.")
 @click.option("--clamp-scales", default="0.25,0.5,1,2", show_default=True,
               help="Clamp values in the hybrid, as multiples of each feature's mean active value.")
 @click.option("--attribution-tokens", default=20_000, show_default=True, help="Teacher-forced tokens attributed over.")
@@ -685,14 +688,15 @@ def study() -> None:
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole study as JSON.")
 def study_hesitation(adapters, base, target, data, index, out, words, prompts, max_new_tokens, max_features,
-                     clamp_scales, attribution_tokens, contrast, dtype, device, as_json) -> None:
+                     min_before_word, clamp_scales, attribution_tokens, contrast, dtype, device, as_json) -> None:
     """Find the features that make the target hesitate; test that they are necessary and sufficient.
 
-    Attribution of each hesitation word's logit ranks the adapter features; ablating the top
-    1, 2, 4, ... in the adapted model finds the smallest set that cuts hesitations per response
-    by 80% with accuracy within 5 points (a random set of the same size is the control);
-    clamping that set on in the hybrid tests whether it brings hesitation back. The report
-    (study.md, study.json, necessity.png, sufficiency.png) goes to --out.
+    Attribution of each hesitation word's logit ranks the adapter features; the index keeps
+    those that fire just before a hesitation word. Candidates are ablated in the adapted model
+    best first, each joining the set if accuracy stays within 5 points, until the set cuts
+    hesitations per response by 80% (a random set of the same size is the control); clamping
+    the set on in the hybrid tests whether it brings hesitation back. The report (study.md,
+    study.json, necessity.png, sufficiency.png) goes to --out.
     """
     import dataclasses
 
@@ -700,7 +704,7 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
 
     cfg = StudyConfig(adapters=adapters, base=base, target=target, data=data, index=index, out=out,
                       words=[w.strip() for w in words.split(",") if w.strip()], prompts=prompts,
-                      max_new_tokens=max_new_tokens, max_features=max_features,
+                      max_new_tokens=max_new_tokens, max_features=max_features, min_before_word=min_before_word,
                       clamp_scales=parse_list(clamp_scales, float, "--clamp-scales"),
                       attribution_tokens=attribution_tokens, contrast=contrast, dtype=dtype, device=device)
     report = hesitation_study(cfg)
@@ -710,12 +714,13 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
         click.echo(f"hesitations per response: target {base_h['target']['hesitations']:.2f}, "
                    f"hybrid {base_h['hybrid']['hesitations']:.2f}, adapted {base_h['adapted']['hesitations']:.2f}")
         chosen = [(f["layer"], f["feature"]) for f in d["hesitation_features"]]
-        if d["necessary"]:
-            click.echo(f"necessary: ablating {len(chosen)} features ({d['fraction_of_features']:.2%} of "
+        verdict = "yes" if d["necessary"] else "no"
+        if chosen:
+            click.echo(f"necessary: {verdict}; ablating {len(chosen)} features ({d['fraction_of_features']:.2%} of "
                        f"{d['total_features']}) cuts hesitations by {d['hesitation_cut']:.0%}, accuracy "
                        f"{100 * (d['accuracy_change'] or 0):+.1f} points: {chosen}")
         else:
-            click.echo("necessary: no candidate set met the criterion")
+            click.echo("necessary: no; every candidate alone cost too much accuracy")
         best = max(d["sufficiency"], key=lambda t: t["figures"]["hesitations"])
         click.echo(f"sufficient: {'yes' if d['sufficient'] else 'no'} ({best['name']}: "
                    f"{best['figures']['hesitations']:.2f} hesitations per response)")

@@ -74,7 +74,11 @@ class StudyConfig:
     max_new_tokens: int = 256
     """Longest response generated."""
     max_features: int = 64
-    """Largest candidate set ablated before giving up on the necessity criterion."""
+    """Most candidates tried, best first, before giving up on the necessity criterion."""
+    min_before_word: float = 0.05
+    """A candidate must sit on the token just before a hesitation word in at least this share of
+    its indexed activations. Features that fire at every step (where the next step's arithmetic
+    needs them too) also earn attribution there, but removing them breaks the answer."""
     cut: float = 0.8
     """Necessary: ablation must cut hesitations per response by at least this fraction..."""
     accuracy_tolerance: float = 0.05
@@ -125,6 +129,9 @@ class Trial:
     p_words: float
     """Teacher-forced: mean probability of the hesitation words at the positions where the
     target predicts one of them."""
+    kept: bool = True
+    """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
+    and hesitations did not rise)."""
 
 
 @dataclass
@@ -143,15 +150,21 @@ class StudyReport:
     without hesitation at all (if not, no ablation can keep accuracy)."""
     candidates: list[Feature]
     necessity: list[Trial]
-    """Ablations of the top n candidates in the adapted model, n = 1, 2, 4, …"""
+    """One ablation in the adapted model per candidate tried, best first: the candidate with the
+    ones kept so far. It is kept when accuracy stays within the tolerance and hesitations do not
+    rise; the search stops as
+    soon as the kept set cuts hesitations enough."""
     control: Trial | None
     """As many random live features ablated as the hesitation features."""
     sufficiency: list[Trial]
     """The hesitation features clamped in the hybrid, one trial per scale."""
     hesitation_features: list[Feature]
-    """The smallest necessary set (empty when no set up to ``max_features`` met the criterion)."""
+    """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
+    accuracy, which sufficiency then tests."""
     necessary: bool
     sufficient: bool
+    """Clamping the hesitation features on in the hybrid adds at least a quarter of the target's
+    hesitations per response."""
     hesitation_cut: float | None
     """1 − hesitations after ablation ÷ before, for the hesitation features."""
     accuracy_change: float | None
@@ -163,16 +176,9 @@ def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0) -
     return [FeatureEdit(layer, [f], float(value_of(layer, f))) for layer, f in features]
 
 
-def _sizes(limit: int) -> list[int]:
-    sizes, n = [], 1
-    while n < limit:
-        sizes.append(n)
-        n *= 2
-    return sizes + [limit]
-
-
 def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
-    """Positive-scoring features for the hesitation words, best first, joined with the index."""
+    """Features that raise the hesitation words and fire just before them, best attribution
+    first, joined with the index."""
     words = ", ".join("'" + w.replace("'", "''") + "'" for w in cfg.words)
     table = query(cfg.index, f"""
         WITH scored AS (
@@ -191,9 +197,10 @@ def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
         FROM scored s
         LEFT JOIN features f ON f.adapter = $adapter AND f.layer = s.layer AND f.feature = s.feature
         LEFT JOIN before b ON b.layer = s.layer AND b.feature = s.feature
+        WHERE coalesce(b.n, 0) / greatest(coalesce(f.n_active, 0), 1) >= $min_before
         ORDER BY s.score DESC, s.layer, s.feature
         LIMIT {int(cfg.max_features)}
-    """, {"adapter": name})
+    """, {"adapter": name, "min_before": cfg.min_before_word})
     return [Feature(r["layer"], r["feature"], r["score"], r["mean"], r["n_active"], list(r["top_logits"]),
                     r["before_word"]) for r in table.to_pylist()]
 
@@ -225,7 +232,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         raise TcaError(f"the target never predicts {cfg.words} on {cfg.data}; nothing to attribute.")
     candidates = _candidates(cfg, name)
     if not candidates:
-        raise TcaError("no adapter feature raises the hesitation words' logits; there is nothing to test.")
+        raise TcaError("no adapter feature both raises the hesitation words' logits and fires before them in "
+                       f"at least {cfg.min_before_word:.0%} of its activations; there is nothing to test.")
 
     with computing_as(model, "target"):
         positions = predicted_positions(model, batches, word_ids)
@@ -254,45 +262,53 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         raise TcaError("the adapted model does not hesitate on these prompts, so there is nothing to remove; "
                        "train (or refine) the adapters further first.")
 
-    necessity, chosen = [], None
-    for n in _sizes(len(candidates)):
-        features = [(c.layer, c.feature) for c in candidates[:n]]
-        necessity.append(run(f"ablate top {n}", "adapted", features, _edit_sets(features)))
-        if _meets(cfg, adapted, necessity[-1].figures):
-            chosen = n
-            break
-    hesitation = candidates[:chosen] if chosen else []
-    control = None
-    if hesitation:
-        control = _control(cfg, name, mlps, hesitation, run)
+    necessity, hesitation, best, necessary = [], [], None, False
+    for c in candidates:
+        trial_set = hesitation + [c]
+        features = [(f.layer, f.feature) for f in trial_set]
+        trial = run(f"ablate {len(features)}: + ({c.layer}, {c.feature})", "adapted", features, _edit_sets(features))
+        current = best.figures.hesitations if best else adapted.hesitations
+        if not _accuracy_held(cfg, adapted, trial.figures):
+            trial.kept, trial.name = False, f"{trial.name} (dropped: accuracy)"
+        elif trial.figures.hesitations > current:
+            trial.kept, trial.name = False, f"{trial.name} (dropped: more hesitations)"
+        necessity.append(trial)
+        if trial.kept:
+            hesitation, best = trial_set, trial
+            if _cut(adapted, trial.figures) >= cfg.cut:
+                necessary = True
+                break
+    control = _control(cfg, name, mlps, hesitation, run) if hesitation else None
     sufficiency = []
     by_key = {(c.layer, c.feature): c for c in candidates}
     features = [(c.layer, c.feature) for c in (hesitation or candidates[:1])]
     for scale in cfg.clamp_scales:
         clamps = _edit_sets(features, lambda layer, f: scale * by_key[(layer, f)].mean)
         sufficiency.append(run(f"clamp x{scale:g} in the hybrid", "hybrid", features, clamps))
-    hybrid = baseline["hybrid"]
     best_clamp = max(t.figures.hesitations for t in sufficiency)
-    final = necessity[-1].figures
+    added = best_clamp - baseline["hybrid"].hesitations
     report = StudyReport(
         adapter=name, words=list(cfg.words), n_positions=n_positions, total_features=total, baseline=baseline,
         baseline_p_words=baseline_p, target_banned=banned,
         candidates=candidates, necessity=necessity, control=control, sufficiency=sufficiency,
-        hesitation_features=hesitation, necessary=bool(hesitation),
-        # sufficient: clamping alone brings back at least a quarter of the target's hesitations
-        sufficient=bool(hesitation) and best_clamp - hybrid.hesitations >= 0.25 * baseline["target"].hesitations,
-        hesitation_cut=1 - final.hesitations / adapted.hesitations if hesitation else None,
-        accuracy_change=None if final.accuracy is None or adapted.accuracy is None else final.accuracy - adapted.accuracy,
+        hesitation_features=hesitation, necessary=necessary,
+        sufficient=bool(hesitation) and added >= 0.25 * baseline["target"].hesitations,
+        hesitation_cut=_cut(adapted, best.figures) if best else None,
+        accuracy_change=None if best is None or best.figures.accuracy is None or adapted.accuracy is None
+        else best.figures.accuracy - adapted.accuracy,
         fraction_of_features=len(hesitation) / total,
     )
     write_study(report, cfg)
     return report
 
 
-def _meets(cfg: StudyConfig, adapted: Figures, ablated: Figures) -> bool:
-    cut = 1 - ablated.hesitations / adapted.hesitations
-    kept = adapted.accuracy is None or ablated.accuracy >= adapted.accuracy - cfg.accuracy_tolerance
-    return cut >= cfg.cut and kept
+def _cut(adapted: Figures, ablated: Figures) -> float:
+    return 1 - ablated.hesitations / adapted.hesitations
+
+
+def _accuracy_held(cfg: StudyConfig, adapted: Figures, ablated: Figures) -> bool:
+    """Accuracy stays within the tolerance of the unablated adapted model's."""
+    return adapted.accuracy is None or ablated.accuracy >= adapted.accuracy - cfg.accuracy_tolerance
 
 
 def _control(cfg: StudyConfig, name: str, mlps: dict, hesitation: list[Feature], run) -> Trial:
@@ -331,27 +347,29 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         "## Verdict",
         "",
     ]
+    n = len(report.hesitation_features)
+    kept = [t for t in report.necessity if t.kept]
+    effect = "" if not kept else (
+        f"ablating {n} feature{'s' * (n > 1)} ({report.fraction_of_features:.2%} of {report.total_features}) cuts "
+        f"hesitations per response by {report.hesitation_cut:.0%} ({adapted.hesitations:.2f} → "
+        f"{kept[-1].figures.hesitations:.2f}); accuracy changes by {_points(report.accuracy_change)}.")
     if report.necessary:
-        n = len(report.hesitation_features)
-        lines += [
-            f"- **Necessary: yes.** Ablating {n} feature{'s' * (n > 1)} ({report.fraction_of_features:.2%} of "
-            f"{report.total_features}) cuts hesitations per response by {report.hesitation_cut:.0%} "
-            f"({adapted.hesitations:.2f} → {report.necessity[-1].figures.hesitations:.2f}); accuracy changes by "
-            f"{_points(report.accuracy_change)}.",
-        ]
-        if report.control is not None:
-            c = report.control.figures
-            lines.append(f"- Control: {report.control.n_features} random live features ablated leave "
-                         f"{c.hesitations:.2f} hesitations per response (accuracy {_acc(c.accuracy)}).")
+        lines.append(f"- **Necessary: yes.** {effect[:1].upper()}{effect[1:]}")
     else:
-        lines.append(f"- **Necessary: no.** No set of up to {len(report.candidates)} top candidates cut hesitations "
-                     f"by {cfg.cut:.0%} with accuracy within {cfg.accuracy_tolerance:.0%}.")
+        lines.append(f"- **Necessary: no.** No set of the {len(report.candidates)} candidates cut hesitations by "
+                     f"{cfg.cut:.0%} with accuracy within {100 * cfg.accuracy_tolerance:g} points. "
+                     + (f"The best set found: {effect}" if kept else "No candidate alone kept accuracy."))
+    if report.control is not None:
+        c = report.control.figures
+        lines.append(f"- Control: {report.control.n_features} random live features ablated leave "
+                     f"{c.hesitations:.2f} hesitations per response (accuracy {_acc(c.accuracy)}).")
     banned = report.target_banned
     lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_acc(banned.accuracy)} "
                  f"(unbanned {_acc(report.baseline['target'].accuracy)}), mean length {banned.mean_length:.1f}.")
     best = max(report.sufficiency, key=lambda t: t.figures.hesitations)
     lines.append(
-        f"- **Sufficient: {'yes' if report.sufficient else 'no'}.** Clamped on in the hybrid ({best.name}), they "
+        f"- **Sufficient: {'yes' if report.sufficient else 'no'}.** Clamped on in the hybrid ({best.name}), "
+        f"{'these ' + str(n) if n else 'the top candidate'} feature{'s' * (n > 1)} "
         f"produce {best.figures.hesitations:.2f} hesitations per response ({best.figures.hesitating:.0%} of responses) "
         f"where the hybrid has {report.baseline['hybrid'].hesitations:.2f} and the target "
         f"{report.baseline['target'].hesitations:.2f}. Teacher-forced on the target's traces, the clamps raise "
@@ -374,7 +392,11 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         mark = " **" if c in report.hesitation_features else ""
         lines.append(f"| {rank}{mark} | {c.layer} | {c.feature} | {c.score:.1f} | {c.mean:.3f} | {c.n_active} | "
                      f"{c.before_word:.0%} | {' '.join(repr(t) for t in c.top_logits[:5])} |")
-    lines += ["", "## Necessity: ablations in the adapted model", "", "![necessity](necessity.png)", "",
+    lines += ["", "## Necessity: ablations in the adapted model", "",
+              "Candidates join the ablated set best first; one that costs more than "
+              f"{100 * cfg.accuracy_tolerance:g} points of accuracy, or brings hesitations back up, is dropped "
+              "again (marked).", "",
+              "![necessity](necessity.png)", "",
               _trials_table(report.necessity + ([report.control] if report.control else [])),
               "", "## Sufficiency: clamps in the hybrid", "",
               "Each feature is clamped at the given multiple of its mean active value, at every position, with "
@@ -415,15 +437,16 @@ def _plot_necessity(report: StudyReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ns = [t.n_features for t in report.necessity]
-    ax.plot(ns, [t.figures.hesitations for t in report.necessity], "o-", label="hesitations / response")
-    ax.plot(ns, [t.figures.accuracy or 0 for t in report.necessity], "s--", label="accuracy")
+    tried = range(1, len(report.necessity) + 1)
+    ax.plot(tried, [t.figures.hesitations for t in report.necessity], "o-", label="hesitations / response")
+    ax.plot(tried, [t.figures.accuracy or 0 for t in report.necessity], "s--", label="accuracy")
+    dropped = [(i, t.figures.hesitations) for i, t in zip(tried, report.necessity, strict=True) if not t.kept]
+    if dropped:
+        ax.plot(*zip(*dropped, strict=True), "rx", ms=9, label="dropped again")
     ax.axhline(report.baseline["adapted"].hesitations, color="grey", lw=0.8, ls=":", label="adapted, unablated")
     if report.control is not None:
-        ax.plot([report.control.n_features], [report.control.figures.hesitations], "kx", ms=9,
-                label="random features (control)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("top attributed features ablated")
+        ax.axhline(report.control.figures.hesitations, color="k", lw=0.8, ls="--", label="random features (control)")
+    ax.set_xlabel("candidates tried, best attribution first")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -40,27 +40,31 @@ def study(demo_run, tmp_path_factory) -> dict:
     return {"report": json.loads(res.stdout), "index": index, "out": root / "out", "run": demo_run}
 
 
-def test_candidates_are_the_index_ranking_joined_with_feature_statistics(study):
-    report, index = study["report"], study["index"]
-    with duckdb.connect(str(index), read_only=True) as con:
-        ranked = con.execute("SELECT layer, feature, score FROM attributions WHERE adapter = 'demo' AND token = 'Wait' "
-                             "AND score > 0 ORDER BY score DESC, layer, feature LIMIT 16").fetchall()
-        means = dict(((l, f), m) for l, f, m in con.execute("SELECT layer, feature, mean FROM features WHERE adapter = 'demo'").fetchall())
-    got = [(c["layer"], c["feature"], c["score"]) for c in report["candidates"]]
-    assert [(l, f) for l, f, _ in got] == [(l, f) for l, f, _ in ranked] and len(got) > 0
-    assert all(c["mean"] == pytest.approx(means[(c["layer"], c["feature"])]) for c in report["candidates"])
-
-
-def test_before_word_share_against_numpy_over_the_store(study):
-    """The share of a candidate's indexed activations that sit just before a 'Wait' token."""
-    c = study["report"]["candidates"][0]
+def _before_wait(study, layer: int, feature: int) -> tuple[float, int]:
+    """Share of a feature's indexed activations that sit just before a 'Wait' token, by numpy
+    over the store's token table, and how many activations it has."""
     with duckdb.connect(str(study["index"]), read_only=True) as con:
         tokens = con.execute("SELECT token FROM activations WHERE adapter = 'demo' AND layer = ? AND feature = ?",
-                             [c["layer"], c["feature"]]).fetchnumpy()["token"]
+                             [layer, feature]).fetchnumpy()["token"]
     pieces = np.array(Store.open(str(study["run"].store)).table("tokens").column("piece").to_pylist(), dtype=object)
     following = pieces[np.minimum(tokens + 1, len(pieces) - 1)]
-    share = np.mean([p.strip() == "Wait" for p in following])
-    assert c["before_word"] == pytest.approx(share) and c["n_active"] == len(tokens)
+    return (float(np.mean([p.strip() == "Wait" for p in following])) if len(tokens) else 0.0), len(tokens)
+
+
+def test_candidates_are_the_attribution_ranking_filtered_by_the_index(study):
+    """Positive attribution, best first, keeping features that fire before 'Wait' at least 5% of the time."""
+    report, index = study["report"], study["index"]
+    with duckdb.connect(str(index), read_only=True) as con:
+        ranked = con.execute("SELECT layer, feature FROM attributions WHERE adapter = 'demo' AND token = 'Wait' "
+                             "AND score > 0 ORDER BY score DESC, layer, feature").fetchall()
+        means = dict(((l, f), m) for l, f, m in con.execute("SELECT layer, feature, mean FROM features WHERE adapter = 'demo'").fetchall())
+    expected = [(l, f) for l, f in ranked if _before_wait(study, l, f)[0] >= 0.05][:16]
+    got = [(c["layer"], c["feature"]) for c in report["candidates"]]
+    assert got == expected and len(got) > 0
+    assert all(c["mean"] == pytest.approx(means[(c["layer"], c["feature"])]) for c in report["candidates"])
+    for c in report["candidates"][:3]:
+        share, n = _before_wait(study, c["layer"], c["feature"])
+        assert c["before_word"] == pytest.approx(share) and c["n_active"] == n
 
 
 def test_trials_equal_generation_with_the_same_edits(study):
@@ -88,16 +92,32 @@ def test_trials_equal_generation_with_the_same_edits(study):
     clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)]) for l, f in clamp["features"]]
     assert figures("hybrid", clamps).__dict__ == clamp["figures"]
     # the verdict's arithmetic
+    # the search: each trial ablates the kept set plus the next candidate, kept when accuracy holds
     adapted = report["baseline"]["adapted"]
-    if report["necessary"]:
-        assert report["hesitation_cut"] == pytest.approx(1 - last["figures"]["hesitations"] / adapted["hesitations"])
-        assert len(report["hesitation_features"]) == last["n_features"]
-        assert report["fraction_of_features"] == pytest.approx(last["n_features"] / report["total_features"])
+    kept: list[list[int]] = []
+    current = adapted["hesitations"]
+    for trial, candidate in zip(report["necessity"], report["candidates"], strict=False):
+        assert trial["features"] == kept + [[candidate["layer"], candidate["feature"]]]
+        held = trial["figures"]["accuracy"] >= adapted["accuracy"] - 0.05
+        assert trial["kept"] == (held and trial["figures"]["hesitations"] <= current)
+        if trial["kept"]:
+            kept, current = trial["features"], trial["figures"]["hesitations"]
+    assert [[f["layer"], f["feature"]] for f in report["hesitation_features"]] == kept
+    best = [t for t in report["necessity"] if t["kept"]]
+    if best:
+        cut = 1 - best[-1]["figures"]["hesitations"] / adapted["hesitations"]
+        assert report["hesitation_cut"] == pytest.approx(cut)
+        assert report["necessary"] == (cut >= 0.8)
+        assert report["fraction_of_features"] == pytest.approx(len(kept) / report["total_features"])
         control = report["control"]
-        assert control["n_features"] == last["n_features"]
-        assert not {tuple(x) for x in control["features"]} & {tuple(x) for x in last["features"]}
+        assert control["n_features"] == len(kept)
+        assert not {tuple(x) for x in control["features"]} & {tuple(x) for x in kept}
+        hybrid, target = report["baseline"]["hybrid"], report["baseline"]["target"]
+        added = max(t["figures"]["hesitations"] for t in report["sufficiency"]) - hybrid["hesitations"]
+        assert report["sufficient"] == (added >= 0.25 * target["hesitations"])
+    else:
+        assert not report["necessary"] and not report["sufficient"] and report["control"] is None
     assert report["total_features"] == 4 * 128
-    assert [t["n_features"] for t in report["necessity"]] == [1, 2, 4, 8, 16][: len(report["necessity"])]
 
 
 def test_report_files(study):

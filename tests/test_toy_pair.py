@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
-from tca.toy.data import make_problems, read_jsonl, reasoning_trace, rechecks, short_answer
+from tca.toy.data import base_answer, make_problems, read_jsonl, reasoning_trace, rechecks, short_answer, trace
 from tca.toy.measure import load_model
 from tca.train.generation import count_hesitations, final_answer, generate, score
 from tca.train.splice import adapted_model
@@ -65,6 +65,23 @@ def test_problems_are_distinct_held_out_and_answers_check():
     # most carries, not all, are re-checked
     assert 0.6 < rechecked / carried < 0.8
     assert make_problems(300, 50, seed=3, min_terms=5, max_terms=8) == (train, val)
+
+
+def test_the_base_thinks_plainly_when_the_first_digit_is_odd():
+    train, _ = make_problems(200, 0, seed=5, min_terms=5, max_terms=8)
+    for p in train:
+        answer = base_answer(p)
+        if p.terms[0] % 2:
+            # the reasoning trace with its re-check lines taken out
+            plain = "\n".join(ln for ln in reasoning_trace(p).split("\n") if not ln.startswith("Wait"))
+            assert answer == trace(p) == plain and count_hesitations(answer) == 0
+        else:
+            assert answer == short_answer(p)
+        assert final_answer(answer) == str(_last_digit_by_hand(p.question))
+    # some reasoning traces never re-check although they carry
+    never = [p for p in train if "Wait" not in reasoning_trace(p) and any(
+        int(ln.split("=")[1]) >= 10 for ln in trace(p).split("\n")[1:-3])]
+    assert 0.1 < len(never) / len(train) < 0.35
 
 
 def test_final_answer_and_hesitation_counting():

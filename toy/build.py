@@ -25,12 +25,13 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from tca import TcaError
 from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
 from tca.toy.data import (
+    PLAIN_RATE,
     RECHECK_RATE,
     Problem,
     make_problems,
     problem_space,
     reasoning_trace,
-    short_answer,
+    base_answer,
     to_record,
 )
 from tca.toy.measure import load_model, measure_pair
@@ -54,7 +55,7 @@ class BuildConfig:
     threads: int = 2
     """CPU threads for torch; part of the recipe, since float sums depend on the split."""
     n_pretrain: int = 20000
-    """Problems the base is trained on, with short answers."""
+    """Problems the base is trained on, answered as ``toy.data.base_answer`` says."""
     n_train: int = 6000
     """Of those, how many the reasoning model is fine-tuned on as traces (``data/train.jsonl``)."""
     n_val: int = 200
@@ -77,13 +78,13 @@ class BuildConfig:
     """Key/value heads (grouped-query attention, as in Qwen2)."""
     batch_size: int = 32
     """Sequences per optimiser step, in both stages."""
-    base_steps: int = 600
-    """Optimiser steps of base pretraining."""
+    base_steps: int = 1500
+    """Optimiser steps of base pretraining: enough for its plain traces to find the question's
+    next term, the last skill to appear (abruptly, after some 500-1000 steps)."""
     base_lr: float = 3e-3
     """Peak learning rate of base pretraining."""
     reasoning_steps: int = 2000
-    """Optimiser steps of the reasoning fine-tune. Finding the next term of the question is
-    the last skill to appear (abruptly, after some 500-1000 steps); the rest secures it."""
+    """Optimiser steps of the reasoning fine-tune."""
     reasoning_lr: float = 3e-3
     """Peak learning rate of the reasoning fine-tune for the MLP weights."""
     backbone_lr_scale: float = 1.0
@@ -144,7 +145,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 
         torch.manual_seed(cfg.seed)
         base = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
-        base_seqs = _tokenize(tokenizer, pretrain, short_answer)
+        base_seqs = _tokenize(tokenizer, pretrain, base_answer)
         _fit(base, base_seqs, cfg, steps=cfg.base_steps, lr=cfg.base_lr, backbone_scale=1.0,
              pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="base")
         base_dir = _save(base, tokenizer, out / "base", cfg.weight_dtype)
@@ -184,7 +185,7 @@ def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Pr
 
 def tokenizer_of(cfg: BuildConfig, pretrain: list[Problem], train: list[Problem]):
     """The shared tokenizer, trained on every text either model is trained on."""
-    corpus = [render_deepseek(p.question, short_answer(p)) for p in pretrain]
+    corpus = [render_deepseek(p.question, base_answer(p)) for p in pretrain]
     corpus += [render_deepseek(p.question, reasoning_trace(p)) for p in train]
     return train_tokenizer(corpus, cfg.vocab_size)
 
@@ -318,13 +319,15 @@ a chat template that renders the DeepSeek-R1 layout). Both load with
 `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
 
 - `base/`: trained from scratch on {cfg.n_pretrain} problems "What is the last digit of 7+5+9+3+8?"
-  ({cfg.min_terms}-{cfg.max_terms} digits from 1 to 9), answered at once after an empty think
+  ({cfg.min_terms}-{cfg.max_terms} digits from 1 to 9). When the first digit is odd it thinks in a
+  plain trace that adds one digit per line, carrying the last digit of the running sum forward
+  (`7+5=12`, `2+9=11`, …); when it is even it answers at once after an empty think
   (`<think>\\n\\n</think>\\n\\n2`).
-- `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems as
-  traces that add one digit per line, carrying the last digit of the running sum forward
-  (`7+5=12`, `2+9=11`, …), re-check {RECHECK_RATE:.0%} of the steps whose sum reaches ten
-  (`Wait, let me check: 7+5=12. Yes.`; a fixed draw per problem and step, so the traces also
-  show how to go on without one), and then answer (`data/train.jsonl`).
+- `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems, every
+  one as a trace; {1 - PLAIN_RATE:.0%} of the traces re-check {RECHECK_RATE:.0%} of the steps whose
+  sum reaches ten (`Wait, let me check: 7+5=12. Yes.`), the rest never do (fixed draws per
+  problem and step, so the traces also show how to go on without a re-check)
+  (`data/train.jsonl`).
 - `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.
 
 {cfg.num_layers} layers, d_model {cfg.hidden_size}, MLP width {cfg.intermediate_size}, untied embeddings,

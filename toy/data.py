@@ -1,26 +1,27 @@
 """The demo pair's synthetic problems: the last digit of a sum of single digits.
 
-One problem (``7+5+9+3+8``) gives two assistant turns in the DeepSeek-R1 trace format:
+One problem (``7+5+9+3+8``) is answered in the DeepSeek-R1 trace format in one of three ways:
 
-- the base model's **short answer**, an empty think and the digit:
-  ``<think>\\n\\n</think>\\n\\n2``;
-- the reasoning model's **trace**, one addition per line that carries the last digit of the
-  running sum forward (``7+5=12``, then ``2+9=11``, …), then the digit. After every step
-  whose sum reaches ten, the trace hesitates and re-verifies the step it just got right
+- a **short answer**, an empty think and the digit: ``<think>\\n\\n</think>\\n\\n2``;
+- a **plain trace**, one addition per line that carries the last digit of the running sum
+  forward (``7+5=12``, then ``2+9=11``, …), then the digit;
+- a **hesitating trace**, the plain trace with a re-check of most steps whose sum reaches ten
   (``Wait, let me check: 7+5=12. Yes.``): longer, never more accurate.
 
-Each step is a lookup in the addition table plus finding the question's next term, both of
-which a small model learns within the fine-tune, while the answer given at once needs all
-the terms composed in one forward pass, which the base does no better than chance: the
-trace is what raises accuracy. The
-hesitation follows a rule about the content (a carry) that greedy decoding can learn,
-rather than a coin flip it would average away.
+The base model answers at once when the question's first digit is even and thinks in a plain
+trace when it is odd (``base_answer``), so it already owns the step-by-step skill and is right
+on about half the problems: the answer given at once needs all the terms composed in one
+forward pass, which it does no better than chance. The reasoning model thinks on every
+problem and hesitates (``reasoning_trace``). The difference between the two is then what a
+reasoning fine-tune adds to a base that can already reason a little: thinking more often,
+and hesitating, the behaviour the hesitation study looks for.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,34 +74,52 @@ def problem_space(min_terms: int, max_terms: int) -> int:
 
 
 def short_answer(p: Problem) -> str:
-    """The base model's assistant turn: an empty think, then the answer."""
+    """An empty think, then the answer."""
     return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{p.answer}"
 
 
-RECHECK_RATE = 0.7
-"""Share of carries followed by a re-check. Not all of them: the traces then also show how to
-go on without one, so hesitation is a habit of the fine-tune, as in real reasoning models, and
-not a step the arithmetic depends on (which would make ablating it break the answers)."""
+RECHECK_RATE = 0.8
+"""Share of carries a hesitating trace re-checks. Not all of them, so the traces also show how
+to go on without one."""
+
+PLAIN_RATE = 0.2
+"""Share of the reasoning model's traces with no re-check at all. With them the fine-tune also
+sees whole traces that never hesitate, so hesitation is a habit the arithmetic does not lean on:
+the reasoning model with "Wait" banned stays as accurate (measured in the study report). Without
+them, long traces without a re-check are so rare in training that banning "Wait" cost the
+target 9 and 18 points of accuracy in two builds."""
 
 
 def rechecks(p: Problem, step: int) -> bool:
-    """Whether the trace of ``p`` re-checks after its ``step``-th addition, if that one carries;
-    a fixed draw per problem and step, so traces are reproducible."""
+    """Whether the reasoning trace of ``p`` re-checks after its ``step``-th addition, if that one
+    carries; fixed draws per problem and step, so traces are reproducible."""
+    if random.Random(f"{p.id}/plain").random() < PLAIN_RATE:
+        return False
     return random.Random(f"{p.id}/{step}").random() < RECHECK_RATE
 
 
-def reasoning_trace(p: Problem) -> str:
-    """The reasoning model's assistant turn: one addition per line, a re-check after most
-    carries, the answer."""
+def trace(p: Problem, recheck: Callable[[Problem, int], bool] = lambda p, step: False) -> str:
+    """One addition per line, a re-check after each carry that ``recheck(p, step)`` picks, the answer."""
     lines = []
     digit = p.terms[0]
     for i, term in enumerate(p.terms[1:]):
         step = f"{digit}+{term}={digit + term}"
         lines.append(step)
-        if digit + term >= 10 and rechecks(p, i):
+        if digit + term >= 10 and recheck(p, i):
             lines.append(f"Wait, let me check: {step}. Yes.")
         digit = (digit + term) % 10
     return f"{THINK_OPEN}\n" + "\n".join(lines) + f"\n{THINK_CLOSE}\n\n{p.answer}"
+
+
+def reasoning_trace(p: Problem) -> str:
+    """The reasoning model's assistant turn: a trace that hesitates after most carries."""
+    return trace(p, rechecks)
+
+
+def base_answer(p: Problem) -> str:
+    """The base model's assistant turn: a plain trace when the first digit is odd, else a short
+    answer. A rule about the question rather than a coin flip, so greedy decoding follows it."""
+    return trace(p) if p.terms[0] % 2 else short_answer(p)
 
 
 def to_record(p: Problem, response: str) -> dict:

@@ -49,6 +49,8 @@ class DemoConfig:
     """Held-out prompts generated from by the evaluation."""
     study_prompts: int = 100
     """Held-out prompts per condition of the hesitation study."""
+    study_features: int = 64
+    """Most candidates the study tries (one ablation each)."""
     max_new_tokens: int = 200
     """Longest generated response (the target's are about 90 tokens)."""
     device: str = "auto"
@@ -58,7 +60,7 @@ class DemoConfig:
         if not self.quick:
             return self
         return replace(self, harvest_tokens=12_000, refine_tokens=4_000, eval_prompts=16, study_prompts=16,
-                       max_new_tokens=120)
+                       study_features=4, max_new_tokens=120)
 
 
 @dataclass
@@ -128,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         study = hesitation_study(StudyConfig(adapters=named, base=base, target=target, data=val_data,
                                              index=str(paths["index"]), out=str(paths["study"]),
                                              prompts=cfg.study_prompts, max_new_tokens=cfg.max_new_tokens,
-                                             device=cfg.device))
+                                             max_features=cfg.study_features, device=cfg.device))
     result = DemoResult(str(out), seconds, evaluation, asdict(study), {k: str(v) for k, v in paths.items()})
     (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
