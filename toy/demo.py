@@ -43,8 +43,8 @@ class DemoConfig:
     """Tokens of end-to-end refinement after offline training (0: skip refinement)."""
     refine_l1: float = 0.5
     """Refinement's L1 weight: the offline default, which on this pair's 300 k-token refinement
-    recovers more accuracy than ``tca refine``'s default 1.0 (85% of the gain against 70%) at a
-    mean L0 of 1.4, layer 0 at 3.1 (docs/train.md, Refinement)."""
+    recovers more accuracy than ``tca refine``'s default 1.0 (65% of the gain against 50%) at a
+    mean L0 of 1.6, layer 0 at 2.6 (docs/train.md, Refinement)."""
     eval_prompts: int = 200
     """Held-out prompts generated from by the evaluation."""
     study_prompts: int = 100
