@@ -693,10 +693,10 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
 
     Attribution of each hesitation word's logit ranks the adapter features; the index keeps
     those that fire just before a hesitation word. Candidates are ablated in the adapted model
-    best first, each joining the set if accuracy stays within 5 points, until the set cuts
-    hesitations per response by 80% (a random set of the same size is the control); clamping
-    the set on in the hybrid tests whether it brings hesitation back. The report (study.md,
-    study.json, necessity.png, sufficiency.png) goes to --out.
+    best first, each joining the set if accuracy stays within 5 points and hesitations do not
+    rise, until the set cuts hesitations per response by 80% (a random set of the same size is
+    the control); clamping the set on in the hybrid tests whether it brings hesitation back.
+    The report (study.md, study.json, necessity.png, sufficiency.png) goes to --out.
     """
     import dataclasses
 
@@ -720,7 +720,7 @@ def study_hesitation(adapters, base, target, data, index, out, words, prompts, m
                        f"{d['total_features']}) cuts hesitations by {d['hesitation_cut']:.0%}, accuracy "
                        f"{100 * (d['accuracy_change'] or 0):+.1f} points: {chosen}")
         else:
-            click.echo("necessary: no; every candidate alone cost too much accuracy")
+            click.echo("necessary: no; no candidate kept accuracy without raising hesitations")
         best = max(d["sufficiency"], key=lambda t: t["figures"]["hesitations"])
         click.echo(f"sufficient: {'yes' if d['sufficient'] else 'no'} ({best['name']}: "
                    f"{best['figures']['hesitations']:.2f} hesitations per response)")

@@ -152,8 +152,7 @@ class StudyReport:
     necessity: list[Trial]
     """One ablation in the adapted model per candidate tried, best first: the candidate with the
     ones kept so far. It is kept when accuracy stays within the tolerance and hesitations do not
-    rise; the search stops as
-    soon as the kept set cuts hesitations enough."""
+    rise; the search stops as soon as the kept set cuts hesitations enough."""
     control: Trial | None
     """As many random live features ablated as the hesitation features."""
     sufficiency: list[Trial]
@@ -358,7 +357,7 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     else:
         lines.append(f"- **Necessary: no.** No set of the {len(report.candidates)} candidates cut hesitations by "
                      f"{cfg.cut:.0%} with accuracy within {100 * cfg.accuracy_tolerance:g} points. "
-                     + (f"The best set found: {effect}" if kept else "No candidate alone kept accuracy."))
+                     + (f"The best set found: {effect}" if kept else "No candidate kept accuracy without raising hesitations."))
     if report.control is not None:
         c = report.control.figures
         lines.append(f"- Control: {report.control.n_features} random live features ablated leave "

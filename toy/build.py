@@ -28,10 +28,10 @@ from tca.toy.data import (
     PLAIN_RATE,
     RECHECK_RATE,
     Problem,
+    base_answer,
     make_problems,
     problem_space,
     reasoning_trace,
-    base_answer,
     to_record,
 )
 from tca.toy.measure import load_model, measure_pair
