@@ -20,7 +20,8 @@ import typing
 import click
 
 from tca import TcaError, __version__
-from tca.train.config import RefineConfig, TrainConfig, parse_list
+from tca.adapted.config import RefineConfig
+from tca.train.config import TrainConfig, parse_list
 
 log = logging.getLogger("tca")
 
@@ -178,8 +179,8 @@ def demo_cmd(out, overwrite, quick, device, as_json) -> None:
     """
     import dataclasses
 
+    from tca.adapted.generation import Figures, figures_table
     from tca.toy.demo import DemoConfig, run_demo
-    from tca.train.generation import Figures, figures_table
 
     result = run_demo(DemoConfig(out=out, overwrite=overwrite, quick=quick, device=device))
 
@@ -216,8 +217,8 @@ def build_pair(out: str, seed: int, threads: int, force: bool, as_json: bool) ->
     """Build the demo base/reasoning pair from a fixed seed and measure it (minutes on a CPU)."""
     from pathlib import Path
 
+    from tca.adapted.generation import figures_json
     from tca.toy.build import BuildConfig, build  # torch-heavy; keeps `tca --help` quick
-    from tca.train.generation import figures_json
 
     result = build(BuildConfig(out=Path(out), seed=seed, threads=threads, overwrite=force))
     data = {
@@ -468,7 +469,7 @@ def train_cmd(as_json: bool, **fields) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def refine_cmd(as_json: bool, **fields) -> None:
     """Refine adapters end to end: KL to the target (also at layer cut-offs), hidden-state NMSE and L1."""
-    from tca.train.refine import refine
+    from tca.adapted.refine import refine
 
     summary = refine(RefineConfig(**fields))
 
@@ -491,7 +492,7 @@ def refine_cmd(as_json: bool, **fields) -> None:
 @click.option("--target", default=None, help="Target model directory (hf-reference: backbone, config, tokenizer).")
 def export_cmd(adapters, fmt, out, base, target) -> None:
     """Write ADAPTERS as the reference implementation's HF checkpoint or per-layer transcoder files."""
-    from tca.train.export import ExportConfig, export
+    from tca.adapted.export import ExportConfig, export
 
     click.echo(f"wrote {export(ExportConfig(adapters=adapters, out=out, format=fmt, base=base, target=target))}")
 
@@ -501,7 +502,7 @@ def export_cmd(adapters, fmt, out, base, target) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter set directory to write.")
 def import_cmd(checkpoint, out) -> None:
     """Read the adapters of a reference-layout HF checkpoint into a tca adapter set."""
-    from tca.train.export import import_hf_reference
+    from tca.adapted.export import import_hf_reference
 
     aset = import_hf_reference(checkpoint, out)
     click.echo(f"wrote {out}: layers {aset.layers}, {aset.config.n_features} features")
@@ -527,8 +528,8 @@ def eval_cmd(adapters, base, target, data, max_tokens, seq_len, batch, n_generat
     """Faithfulness of spliced adapters: KL, hidden-state NMSE and behaviour vs the target and the hybrid."""
     import dataclasses
 
-    from tca.train.evaluate import EvalConfig, evaluate
-    from tca.train.generation import figures_table
+    from tca.adapted.evaluate import EvalConfig, evaluate
+    from tca.adapted.generation import figures_table
 
     report = evaluate(EvalConfig(adapters=adapters, base=base, target=target, data=data, max_tokens=max_tokens,
                                  seq_len=seq_len, batch=batch, generate=n_generate, max_new_tokens=max_new_tokens,
@@ -586,8 +587,8 @@ def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, meas
     """Ablate or clamp adapter features; p(tokens), KL, length, hesitations and accuracy before and after."""
     import dataclasses
 
-    from tca.train.generation import figures_table
-    from tca.train.intervene import InterventionConfig, run_intervention, split_words
+    from tca.adapted.generation import figures_table
+    from tca.adapted.intervene import InterventionConfig, run_intervention, split_words
 
     report = run_intervention(InterventionConfig(
         adapters=adapters, base=base, target=target, data=data, edits=edit_spec, mode=mode,
@@ -632,8 +633,8 @@ def intervene_cmd(adapters, base, target, data, edit_spec, mode, at_tokens, meas
 def attribute_cmd(adapters, base, target, data, token, layers, max_tokens, seq_len, batch, dtype, device, index,
                   contrast, top, as_json) -> None:
     """Rank adapter features by gradient x activation of a token's logit where the target predicts it."""
+    from tca.adapted.attribute import AttributionConfig, adapter_name, run_attribution
     from tca.query.attribution import check_writable, write_attributions
-    from tca.train.attribute import AttributionConfig, adapter_name, run_attribution
 
     cfg = AttributionConfig(adapters=adapters, base=base, target=target, data=data, token=token, layers=layers,
                             max_tokens=max_tokens, seq_len=seq_len, batch=batch, dtype=dtype, device=device,

@@ -28,7 +28,15 @@ import torch
 
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.harvest import HarvestConfig, batch_inputs, harvest, plan_batches
-from tca.cache.models import find_model, live_mlps, load_base_mlps, load_model, load_tokenizer, parse_layers, resolve_dtype
+from tca.cache.models import (
+    find_model,
+    live_mlps,
+    load_base_mlps,
+    load_model,
+    load_tokenizer,
+    parse_layers,
+    resolve_dtype,
+)
 from tca.cache.plan import PlanConfig, build_plan
 from tca.cache.store import Store, StoreSpec
 from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl

@@ -5,7 +5,7 @@
     refined-from-zero  tca refine from zero-decoder adapters on all the tokens
 
 For each: tokens trained on, the fraction of the hybrid's KL closed on the demo pair's
-val.jsonl (``tca.train.evaluate``), held-out FVE of delta and L0 on the store's holdout
+val.jsonl (``tca.adapted.evaluate``), held-out FVE of delta and L0 on the store's holdout
 documents (the trainer's loader and metrics), and wall seconds of training. Offline tokens are
 cache rows (each trains every layer at once); refinement tokens are teacher-forced tokens.
 
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
+from tca.adapted.config import REFINE_L1
+from tca.adapted.evaluate import EvalConfig, evaluate
+from tca.adapted.refine import RefineConfig, refine
 from tca.cache.harvest import HarvestConfig, harvest
 from tca.cache.plan import PlanConfig
 from tca.cache.store import Store
 from tca.toy.demo import DEMO_PAIR
 from tca.train.checkpoint import load_adapters
-from tca.train.config import REFINE_L1
-from tca.train.evaluate import EvalConfig, evaluate
 from tca.train.loader import ActivationLoader, LoaderConfig
 from tca.train.metrics import MetricSums
-from tca.train.refine import RefineConfig, refine
 from tca.train.trainer import TrainConfig, Trainer
 
 DEMO_HARVEST_TOKENS = 60_000

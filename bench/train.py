@@ -21,9 +21,9 @@ import time
 import torch
 
 from tca.cache.store import Store, decode
+from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.loader import ActivationLoader, LoaderConfig
-from tca.train.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.trainer import TrainConfig, Trainer
 
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from tca import TcaError
 from tca.cache.shard import ZSTD_LEVEL, ShardReader, shard_bytes

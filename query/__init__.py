@@ -1,1 +1,1 @@
-"""Stage 3: the DuckDB index of every feature activation and the SQL entry points."""
+"""Stage 4: the DuckDB index of every feature activation and the SQL entry points."""

@@ -22,9 +22,9 @@ import duckdb
 import pyarrow as pa
 
 from tca import TcaError
+from tca.adapted.attribute import AttributionResult
 from tca.query.index import in_transaction
 from tca.query.sql import query
-from tca.train.attribute import AttributionResult
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS attributions (

@@ -6,7 +6,7 @@ The study finds them and tests them both ways, on held-out prompts:
 
 1. **Candidates by attribution.** Gradient × activation of each hesitation word's logit with
    respect to every adapter feature, at the positions where the target predicts the word
-   (``tca.train.attribute``), summed over the words. The ranking is written into the index
+   (``tca.adapted.attribute``), summed over the words. The ranking is written into the index
    (table ``attributions``) and joined there with each feature's statistics, so the report can
    say what the features fire on and how strongly.
 2. **Necessary.** Ablate the top 1, 2, 4, … candidates in the adapted model until hesitations
@@ -32,15 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tca import TcaError
+from tca.adapted.attribute import adapter_name, attribute
+from tca.adapted.batches import token_batches
+from tca.adapted.evaluate import behaviour, prompt_records
+from tca.adapted.evaluate import mode as computing_as
+from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.intervene import predicted_positions, single_token_ids, token_probability
+from tca.adapted.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
 from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
-from tca.train.attribute import adapter_name, attribute
-from tca.train.batches import token_batches
-from tca.train.evaluate import behaviour, prompt_records
-from tca.train.evaluate import mode as computing_as
-from tca.train.generation import Figures, generate, questions_of, score
-from tca.train.intervene import predicted_positions, single_token_ids, token_probability
-from tca.train.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -9,22 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import random_adapter_set
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tca import TcaError
+from tca.adapted.attribute import AttributionResult, attribute
+from tca.adapted.batches import token_batches
+from tca.adapted.splice import adapted_model, set_mode
 from tca.cache.harvest import HarvestConfig, harvest
 from tca.cache.plan import PlanConfig
 from tca.cli import main
 from tca.query.attribution import read_attributions, write_attributions
 from tca.query.sql import query
 from tca.train.adapter import Adapter
-from tca.train.attribute import AttributionResult, attribute
 from tca.train.checkpoint import AdapterSet, save_adapters
-from tca.train.batches import token_batches
-from tca.train.splice import adapted_model, set_mode
-
-from conftest import random_adapter_set
 
 D, F, LAYERS = 64, 12, (0, 1, 2, 3)
 

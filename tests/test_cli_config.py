@@ -8,8 +8,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from tca.adapted.config import RefineConfig
 from tca.cli import main, refine_cmd, train_cmd
-from tca.train.config import MIN_STEPS, RefineConfig, TrainConfig
+from tca.train.config import MIN_STEPS, TrainConfig
 
 REQUIRED = {
     train_cmd: ["--cache", "store", "--out", "run"],

@@ -6,13 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import DEMO_PAIR
 
 from tca.cache.store import Store
 from tca.cli import main
 from tca.query.sql import query
 from tca.train.checkpoint import load_adapters
-
-from conftest import DEMO_PAIR
 
 pytestmark = pytest.mark.slow
 

@@ -9,17 +9,24 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
+from tca.adapted.batches import batches_of, pad_id_of, tokenize_documents
+from tca.adapted.evaluate import (
+    EvalConfig,
+    behaviour,
+    evaluate,
+    fraction_closed,
+    kl_and_nmse,
+    mode,
+    recovered,
+    recovery,
+)
+from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.splice import adapted_mlps, adapted_model, set_mode
 from tca.cache.template import THINK_CLOSE
 from tca.cli import main
 from tca.toy.tiny import tiny_conversations
 from tca.train.adapter import Adapter, AdapterConfig
-from tca.train.batches import batches_of, pad_id_of, tokenize_documents
 from tca.train.checkpoint import AdapterSet, save_adapters
-from tca.train.evaluate import (
-    EvalConfig, behaviour, evaluate, fraction_closed, kl_and_nmse, mode, recovered, recovery,
-)
-from tca.train.generation import Figures, generate, questions_of, score
-from tca.train.splice import adapted_model, adapted_mlps, set_mode
 
 D, F = 64, 48
 

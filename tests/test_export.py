@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
+from tca.adapted.splice import adapted_model, read_hf_tensors, set_adapters
 from tca.cli import main
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, load_adapters, save_adapters
-from tca.train.splice import adapted_model, read_hf_tensors, set_adapters
 
 D, F = 64, 96
 LAYERS = (0, 2)

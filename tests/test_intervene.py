@@ -9,24 +9,23 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import random_adapter_set
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tca import TcaError
-from tca.cache.template import render_deepseek
-from tca.cli import main
-from tca.train.checkpoint import AdapterSet, save_adapters
-from tca.train.evaluate import mode as computing_as
-from tca.train.generation import generate, questions_of, score
-from tca.train.intervene import (
+from tca.adapted.batches import token_batches
+from tca.adapted.evaluate import mode as computing_as
+from tca.adapted.generation import generate, questions_of, score
+from tca.adapted.intervene import (
     intervention_effect,
     parse_edits,
     single_token_ids,
     token_probability,
 )
-from tca.train.batches import token_batches
-from tca.train.splice import FeatureEdit, adapted_model, edits, set_mode
-
-from conftest import random_adapter_set
+from tca.adapted.splice import FeatureEdit, adapted_model, edits, set_mode
+from tca.cache.template import render_deepseek
+from tca.cli import main
+from tca.train.checkpoint import AdapterSet, save_adapters
 
 D, F, LAYERS = 64, 16, (0, 1, 2, 3)
 
@@ -211,7 +210,7 @@ def test_token_probability_is_the_mean_softmax_mass(world):
 
 
 def test_probability_at_the_positions_a_model_predicts_the_token(world):
-    from tca.train.intervene import predicted_positions
+    from tca.adapted.intervene import predicted_positions
 
     model = adapted_model(world["target"], world["base"], world["aset"], keep_target=True)
     with computing_as(model, "target"), torch.no_grad():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DEMO_PAIR
 from transformers import AutoTokenizer
 
 from tca import TcaError
@@ -13,8 +14,6 @@ from tca.cache.data import REGIONS
 from tca.cache.plan import PlanConfig, build_plan, keep_mask
 from tca.cache.template import ASSISTANT, EOS, THINK_CLOSE, THINK_OPEN
 from tca.toy.tiny import tiny_conversations, write_jsonl
-
-from conftest import DEMO_PAIR
 
 
 def expected_regions(ids: np.ndarray, tok) -> list[str]:

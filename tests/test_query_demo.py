@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
+from test_query import _check_examples
 
 from tca.cache.store import Store
 from tca.cli import main
 from tca.query.sql import query
-from test_query import _check_examples
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""End-to-end refinement (tca.train.refine, tca.train.lockstep) on the tiny pair.
+"""End-to-end refinement (tca.adapted.refine, tca.adapted.lockstep) on the tiny pair.
 
 Every loss term the lockstep runner produces is checked against a direct computation with the
 plain model switched between modes layer by layer; training is checked to touch only adapters
@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from tca import TcaError
+from tca.adapted.batches import token_batches
+from tca.adapted.lockstep import Lockstep
+from tca.adapted.refine import RefineConfig, Refiner, refine
+from tca.adapted.splice import adapted_model, target_tokenizer
 from tca.cli import main
 from tca.train.adapter import Adapter, AdapterConfig
-from tca.train.batches import token_batches
 from tca.train.checkpoint import AdapterSet, load_adapters, save_adapters
-from tca.train.lockstep import Lockstep
-from tca.train.refine import RefineConfig, Refiner, refine
-from tca.train.splice import adapted_model, target_tokenizer
 
 N_LAYERS = 4
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tca.adapted.generation import generate, questions_of
+from tca.adapted.splice import adapted_model, set_mode
 from tca.toy.tiny import tiny_conversations
 from tca.train.adapter import Adapter, AdapterConfig
-from tca.train.generation import generate, questions_of
-from tca.train.splice import adapted_model, set_mode
 
 IDS = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11, 60, 2], [4, 8, 15, 16, 23, 42, 9, 9, 30, 12]])
 

@@ -9,14 +9,13 @@ import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import DEMO_PAIR
 
+from tca.adapted.evaluate import mode, prompt_records
+from tca.adapted.generation import generate, questions_of, score
+from tca.adapted.splice import FeatureEdit, edits, load_adapted
 from tca.cache.store import Store
 from tca.cli import main
-from tca.train.generation import generate, questions_of, score
-from tca.train.evaluate import mode, prompt_records
-from tca.train.splice import FeatureEdit, edits, load_adapted
-
-from conftest import DEMO_PAIR
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +70,7 @@ def test_trials_equal_generation_with_the_same_edits(study):
     report = study["report"]
     model = load_adapted(study["run"].adapters, str(DEMO_PAIR / "base"), str(DEMO_PAIR / "reasoning"), device="cpu",
                          keep_target=True)
-    from tca.train.splice import target_tokenizer
+    from tca.adapted.splice import target_tokenizer
 
     tok = target_tokenizer(str(DEMO_PAIR / "reasoning"))
     records = prompt_records(VAL, PROMPTS)

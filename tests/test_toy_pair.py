@@ -7,18 +7,17 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DEMO_PAIR
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tca.adapted.generation import count_hesitations, final_answer, generate, score
+from tca.adapted.splice import adapted_model
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
 from tca.toy.data import base_answer, make_problems, read_jsonl, reasoning_trace, rechecks, short_answer, trace
 from tca.toy.measure import load_model
-from tca.train.generation import count_hesitations, final_answer, generate, score
-from tca.train.splice import adapted_model
-
-from conftest import DEMO_PAIR
 
 TINY = dict(
     n_pretrain=40, n_train=20, n_val=8, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tca import TcaError
 from tca.cache.ranks import Ranks
-from tca.train.synthetic import SyntheticSpec, make_synthetic_store
+from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.trainer import TrainConfig, Trainer
 
 SPEC = SyntheticSpec(d_model=16, layers=(0, 2), n_docs=48, doc_len=32, n_true=8, block_rows=256, chunk_rows=64,

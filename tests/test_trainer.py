@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from tca.cache.store import Store
 from tca.cli import main
 from tca.kernels import DensityGate, sparse_adapter
+from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train import adapter as adapter_module
 from tca.train.checkpoint import load_adapters
 from tca.train.loader import ActivationLoader, LoaderConfig
-from tca.train.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.trainer import TrainConfig, Trainer, train
 
 SPEC = SyntheticSpec(d_model=16, layers=(0, 2), n_docs=48, doc_len=32, n_true=8, block_rows=256, chunk_rows=64, store_y=True)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from tca import TcaError
+from tca.adapted.generation import Figures, figures_json, figures_table
 from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
 from tca.toy.data import (
     PLAIN_RATE,
@@ -35,7 +36,6 @@ from tca.toy.data import (
     to_record,
 )
 from tca.toy.measure import load_model, measure_pair
-from tca.train.generation import Figures, figures_json, figures_table
 from tca.toy.tiny import write_jsonl
 from tca.toy.tokenizer import train_tokenizer
 

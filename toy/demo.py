@@ -74,11 +74,11 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every stage on the demo pair; returns the figures and the paths written."""
+    from tca.adapted.evaluate import EvalConfig, evaluate
     from tca.cache.harvest import HarvestConfig, harvest
     from tca.cache.plan import PlanConfig
     from tca.query.index import IndexConfig, build_index
     from tca.query.study import StudyConfig, hesitation_study
-    from tca.train.evaluate import EvalConfig, evaluate
     from tca.train.trainer import TrainConfig, train
 
     cfg = cfg.scaled()
@@ -109,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                           epochs=1.0 if cfg.quick else None))
     final = paths["offline"]
     if cfg.refine_tokens:
-        from tca.train.refine import RefineConfig, refine
+        from tca.adapted.refine import RefineConfig, refine
 
         with stage("refine"):
             refine(RefineConfig(adapters=str(paths["offline"]), base=base, target=target, data=train_data,

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tca.train.generation import Figures, generate, questions_of, score
-from tca.train.splice import adapted_model
+from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.splice import adapted_model
 
 
 def load_model(path: Path) -> PreTrainedModel:

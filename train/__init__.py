@@ -1,1 +1,1 @@
-"""Stage 2: transcoder adapters, the store loader, training, splicing and interventions."""
+"""Stage 2: offline training: transcoder adapters, the loader over the store, the trainer, checkpoints."""

@@ -11,7 +11,7 @@ Teacher-forced on the tokens of ``--data``, over real (unpadded) positions only:
     NMSE_l(m)        Σ‖h_l(m) − h_l(target)‖² / Σ‖h_l(target)‖², h_l the output of decoder layer l
 
 With ``generate > 0``, greedy responses to the first prompts of ``--data`` give each mode's
-``Figures`` (accuracy, length, hesitations; ``tca.train.generation``), and the adapters'
+``Figures`` (accuracy, length, hesitations; ``tca.adapted.generation``), and the adapters'
 share of the target's gain over the hybrid: ``(adapted − hybrid) / (target − hybrid)``.
 
 Layers without an adapter (``layers`` selects a subset) keep the base MLP in the adapted
@@ -31,12 +31,12 @@ from torch import nn
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.adapted.batches import TokenBatch, token_batches
+from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.data import read_records, turns_of
 from tca.cache.models import parse_layers
-from tca.train.batches import TokenBatch, token_batches
-from tca.train.generation import Figures, generate, questions_of, score
 from tca.train.metrics import next_token_kl
-from tca.train.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def behaviour(
 
 def prompt_records(path: str | Path, n: int) -> list[dict]:
     """The first ``n`` conversation records of a JSONL or Parquet file, as ``{"conversations": [user,
-    assistant?]}`` (the schema of ``tca.train.generation.score``); text records are skipped."""
+    assistant?]}`` (the schema of ``tca.adapted.generation.score``); text records are skipped."""
     path = Path(path)
     if not path.is_file():
         raise TcaError(f"data file {path} does not exist.")

@@ -39,11 +39,10 @@ from torch import nn
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.adapted.batches import TokenBatch, token_batches
+from tca.adapted.intervene import forward_logits, single_token_ids
+from tca.adapted.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.models import parse_layers
-from tca.train.batches import TokenBatch
-from tca.train.batches import token_batches
-from tca.train.intervene import forward_logits, single_token_ids
-from tca.train.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
 
 log = logging.getLogger(__name__)
 

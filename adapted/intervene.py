@@ -1,7 +1,7 @@
 """Interventions on adapter features: ablate or clamp some, and measure what changes.
 
 An edit sets chosen features of one layer's adapter to a fixed value inside the adapted
-model (``tca.train.splice.edits``): 0 *ablates* them, any other value *clamps* them. Edits may
+model (``tca.adapted.splice.edits``): 0 *ablates* them, any other value *clamps* them. Edits may
 be limited to positions whose input token is in a set (``--at-tokens``). Two questions, two
 modes:
 
@@ -16,7 +16,7 @@ What is measured, before and after the edits, on the same data:
 - teacher-forced over every real position of the data: the mean next-token probability mass
   on chosen tokens (``p(Wait)``) and the mean KL(before || after) of the next-token distributions;
 - greedy generation from the first ``generate_n`` prompts: mean response length, hesitations
-  and accuracy (``tca.train.generation.Figures``).
+  and accuracy (``tca.adapted.generation.Figures``).
 
 Edit syntax (``parse_edits``): ``LAYER:FEATURES[=VALUE]`` joined by ``;``, FEATURES a comma list
 of indices and ranges: ``2:17,40;3:5-7=4.5`` ablates features 17 and 40 of layer 2 and clamps
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from tca import TcaError
-from tca.train.batches import TokenBatch, token_batches
-from tca.train.evaluate import prompt_records
-from tca.train.evaluate import mode as computing_as
-from tca.train.generation import Figures, generate, questions_of, score
+from tca.adapted.batches import TokenBatch, token_batches
+from tca.adapted.evaluate import mode as computing_as
+from tca.adapted.evaluate import prompt_records
+from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.splice import FeatureEdit, edits, load_adapted, target_tokenizer
 from tca.train.metrics import next_token_kl
-from tca.train.splice import FeatureEdit, edits, load_adapted, target_tokenizer
 
 log = logging.getLogger(__name__)
 

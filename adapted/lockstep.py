@@ -37,8 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from tca.adapted.splice import AdaptedMLP
 from tca.train.metrics import next_token_kl
-from tca.train.splice import AdaptedMLP
 
 KL_CHUNK_TOKENS = 2048
 """Tokens whose full-vocabulary logits are alive at once (two streams: ~2 x 2048 x 152k floats

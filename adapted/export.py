@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tca import TcaError
+from tca.adapted.splice import MLP_KEY, read_hf_tensors, shard_files
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, load_adapters, save_adapters
-from tca.train.splice import MLP_KEY, read_hf_tensors, shard_files
 
 FORMATS = ("hf-reference", "transcoder")
 ARCHITECTURE = "Qwen2ForCausalLMWithTranscoder"

@@ -2,7 +2,7 @@
 
 The adapted model is the target's backbone with the base's MLPs plus the adapters
 (``adapted_model(..., keep_target=True)``); only the adapters' parameters train. Per step, on a
-batch of documents (``tca.train.batches``) and over its real tokens only, with ``L`` layers and
+batch of documents (``tca.adapted.batches``) and over its real tokens only, with ``L`` layers and
 ``C = cutoffs`` distinct cut-offs ``k`` drawn uniformly from ``1..L-1`` by a seeded generator:
 
     KL_A        mean over tokens of KL(target ‖ adapted) of the next-token distributions
@@ -16,7 +16,7 @@ batch of documents (``tca.train.batches``) and over its real tokens only, with `
 ``loss_scale`` is the offline trainer's: the RMS norm of ``MLP_target(x) − MLP_base(x)``
 (stored with offline adapters; with ``from_zero`` estimated from the first batch), so one ``l1``
 weighs sparsity alike in both recipes and on every layer. The L1 term applies to ReLU adapters;
-TopK's sparsity is structural. The streams are run by ``tca.train.lockstep`` (checkpointed layer
+TopK's sparsity is structural. The streams are run by ``tca.adapted.lockstep`` (checkpointed layer
 by layer, KL in token chunks, bf16 autocast on CUDA).
 
 Optimisation is ``tca train``'s: AdamW without weight decay, linear warm-up then cosine to zero
@@ -40,9 +40,13 @@ import torch
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.adapted.batches import TokenBatch, batches_of, pad_id_of, tokenize_documents
+from tca.adapted.config import REFINE_ACTIVATIONS, RefineConfig
+from tca.adapted.evaluate import kl_and_nmse, mode
+from tca.adapted.lockstep import Lockstep, StreamsOut
+from tca.adapted.splice import adapted_mlps, load_adapted, target_tokenizer
 from tca.cache.models import find_model, parse_layers, resolve_device
 from tca.train.adapter import Adapter, AdapterConfig
-from tca.train.batches import TokenBatch, batches_of, pad_id_of, tokenize_documents
 from tca.train.checkpoint import (
     AdapterSet,
     load_adapters,
@@ -53,10 +57,6 @@ from tca.train.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from tca.train.config import REFINE_ACTIVATIONS, RefineConfig
-from tca.train.evaluate import kl_and_nmse, mode
-from tca.train.lockstep import Lockstep, StreamsOut
-from tca.train.splice import adapted_mlps, load_adapted, target_tokenizer
 from tca.train.trainer import default_features, default_lr, lr_at
 
 log = logging.getLogger(__name__)
