@@ -42,7 +42,7 @@ from tca import TcaError
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.intervene import forward_logits, single_token_ids
 from tca.adapted.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
-from tca.cache.models import parse_layers
+from tca.cache.layers import select_layers
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,7 @@ def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     (token_id,) = single_token_ids(tokenizer, [cfg.token])
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
     model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True)
-    layers = sorted(i for i, m in adapted_mlps(model).items() if m.adapter is not None)
-    if cfg.layers.strip() != "all":
-        layers = parse_layers(cfg.layers, len(model.model.layers))
+    with_adapter = [i for i, m in adapted_mlps(model).items() if m.adapter is not None]
+    layers = select_layers(cfg.layers, with_adapter, "the adapters cover")
     result = attribute(model, batches, token_id, layers, contrast=cfg.contrast)
     return AttributionRun(name, cfg.token, result, layers, sum(b.n_tokens for b in batches))

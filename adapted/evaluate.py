@@ -35,7 +35,6 @@ from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.generation import Figures, generate, questions_of, score
 from tca.adapted.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.data import read_records, turns_of
-from tca.cache.models import parse_layers
 from tca.train.metrics import next_token_kl
 
 log = logging.getLogger(__name__)
@@ -262,12 +261,11 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     """Load the adapted model once and measure its faithfulness (and behaviour) against the target."""
     if cfg.batch < 1 or cfg.seq_len < 2 or cfg.generate < 0 or cfg.max_new_tokens < 1:
         raise TcaError("--batch and --max-new-tokens must be positive, --seq-len at least 2 and --generate at least 0.")
-    layers = None if cfg.layers == "all" else parse_layers(cfg.layers, 1 << 31)
     tokenizer = target_tokenizer(cfg.target)
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
     records = prompt_records(cfg.data, cfg.generate) if cfg.generate else None
     model = load_adapted(cfg.adapters, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype,
-                         keep_target=True, layers=layers)
+                         keep_target=True, layers=cfg.layers)
     layers = [i for i, mlp in adapted_mlps(model).items() if mlp.adapter is not None]
     device = next(model.parameters()).device
     log.info("spliced %d adapters (layers %s) into %s on %s in %s", len(layers), layers, cfg.target, device, cfg.dtype)

@@ -32,12 +32,10 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from tca import TcaError
 from tca.adapted.batches import TokenBatch, batches_of, pad_id_of, tokenize_documents
@@ -45,18 +43,21 @@ from tca.adapted.config import REFINE_ACTIVATIONS, RefineConfig
 from tca.adapted.evaluate import kl_and_nmse, mode
 from tca.adapted.lockstep import Lockstep, StreamsOut
 from tca.adapted.splice import adapted_mlps, load_adapted, target_tokenizer
-from tca.cache.models import find_model, parse_layers, resolve_device
+from tca.cache.layers import select_layers
+from tca.cache.models import find_model, resolve_device
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import (
     AdapterSet,
     load_adapters,
-    load_checkpoint,
     optimizer_tensors,
+    prefixed,
     restore_optimizer,
     save_adapters,
     save_checkpoint,
     truncate_metrics,
+    unprefixed,
 )
+from tca.train.run import RunLog, due, open_run, run_settings, seeded
 from tca.train.trainer import default_features, default_lr, lr_at
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,9 @@ class Refiner:
 
     def __init__(self, cfg: RefineConfig):
         self.out = Path(cfg.out)
-        state = tensors = None
-        if cfg.resume:
-            state, tensors = load_checkpoint(self.out / "checkpoint")
+        state, tensors = open_run(self.out, cfg.resume) or (None, None)
+        if state is not None:
             cfg = dataclasses.replace(RefineConfig(**state["config"]), device=cfg.device, resume=True)
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise TcaError(f"{self.out} already exists and is not empty; pass --resume to continue a run or choose a new --out.")
         self._check(cfg)
         target_src = find_model(cfg.target)
         n_layers = target_src.n_layers
@@ -108,7 +106,7 @@ class Refiner:
         tokens = cfg.tokens if cfg.tokens is not None else self.epoch_tokens
         self.total_steps = max(1, round(tokens * self.batches_per_epoch / self.epoch_tokens))
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 5)
-        self.cutoff_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+        self.cutoff_gen = seeded(cfg.seed, 17)
         self.step, self.tokens_seen = 0, 0
         self.last_eval: dict | None = None
         self._epoch: tuple[int, list[TokenBatch]] | None = None
@@ -130,12 +128,11 @@ class Refiner:
         """The adapters to start from: the offline set's chosen layers, or new ones."""
         if cfg.cutoffs > max(n_layers - 1, 0):
             raise TcaError(f"--cutoffs {cfg.cutoffs} exceeds the {n_layers - 1} cut-offs 1..{n_layers - 1} of {cfg.target}.")
-        layers = parse_layers(cfg.layers, n_layers)
         if cfg.from_zero:
+            layers = select_layers(cfg.layers, range(n_layers), f"{cfg.target} has")
             features = cfg.features or default_features(d_model)
             acfg = AdapterConfig(d_model=d_model, n_features=features, activation=cfg.activation, l1=cfg.l1, k=cfg.k)
-            # seeded by seed and layer, as tca train seeds its adapters
-            adapters = {i: Adapter(acfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in layers}
+            adapters = {i: Adapter(acfg, seeded(cfg.seed, i)) for i in layers}
             return AdapterSet(adapters, acfg)
         if not Path(cfg.adapters).is_dir():
             raise TcaError(f"the adapters directory {cfg.adapters} does not exist.")
@@ -146,10 +143,7 @@ class Refiner:
         if aset.config.d_model != d_model:
             raise TcaError(f"{cfg.adapters} reads width {aset.config.d_model}, but {cfg.target} has hidden size "
                            f"{d_model}; the adapters were trained on another model.")
-        chosen = aset.layers if cfg.layers.strip() == "all" else layers
-        missing = [i for i in chosen if i not in aset.adapters]
-        if missing:
-            raise TcaError(f"{cfg.adapters} has no adapter for layer {missing[0]} (it has layers {aset.layers}).")
+        chosen = select_layers(cfg.layers, aset.layers, f"{cfg.adapters} has adapters for")
         return dataclasses.replace(aset, adapters={i: aset.adapters[i] for i in chosen})
 
     @torch.no_grad()
@@ -192,7 +186,7 @@ class Refiner:
     def _state(self) -> tuple[dict, dict]:
         tensors = {"rng.cutoffs": self.cutoff_gen.get_state()}
         for i, a in self.adapters.items():
-            tensors |= {f"adapter.{i}.{k}": v for k, v in a.state_dict().items()}
+            tensors |= prefixed(f"adapter.{i}.", a.state_dict())
         opt_t, groups = optimizer_tensors("opt", self.opt)
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": dataclasses.asdict(self.cfg),
                  "optimizer": groups}
@@ -202,8 +196,7 @@ class Refiner:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.cutoff_gen.set_state(tensors["rng.cutoffs"])
         for i, a in self.adapters.items():
-            prefix = f"adapter.{i}."
-            a.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            a.load_state_dict(unprefixed(f"adapter.{i}.", tensors))
         restore_optimizer("opt", self.opt, tensors, state["optimizer"])
         truncate_metrics(self.out / "metrics.jsonl", self.step)
 
@@ -241,31 +234,23 @@ class Refiner:
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train to ``total_steps``; ``on_step(step)`` runs after each step (tests stop runs with it)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         if self.step == 0 and self.cfg.from_zero:
             self._scale_from_target(self.batch_at(0).to(self.device))
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="refine", unit="step", dynamic_ncols=True)
-        t0, tokens0 = time.perf_counter(), self.tokens_seen
-        try:
-            with open(self.out / "metrics.jsonl", "a") as metrics:
-                while self.step < self.total_steps:
-                    record = self.train_step()
-                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                        metrics.write(json.dumps(record) + "\n")
-                    rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix({"tok/s": f"{rate:,.0f}", "loss": f"{record['loss']:.4f}",
-                                     "KL": f"{record['kl']:.4f}", "L0": f"{record['l0']:.1f}"}, refresh=False)
-                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                        self.last_eval = self.evaluate()
-                        metrics.write(json.dumps(self.last_eval) + "\n")
-                    if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                        metrics.flush()
-                        save_checkpoint(self.out / "checkpoint", *self._state())
-                    bar.update()
-                    if on_step:
-                        on_step(self.step)
-        finally:
-            bar.close()
+        with RunLog(self.out, "refine", self.total_steps, self.step, self.tokens_seen) as run_log:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                if due(self.step, self.cfg.log_every, self.total_steps):
+                    run_log.write([record])
+                if due(self.step, self.eval_every, self.total_steps):
+                    self.last_eval = self.evaluate()
+                    run_log.write([self.last_eval])
+                if due(self.step, self.cfg.checkpoint_every, self.total_steps):
+                    run_log.flush()
+                    save_checkpoint(self.out / "checkpoint", *self._state())
+                run_log.stepped(self.tokens_seen, {"loss": f"{record['loss']:.4f}", "KL": f"{record['kl']:.4f}",
+                                                   "L0": f"{record['l0']:.1f}"})
+                if on_step:
+                    on_step(self.step)
         return self.finish()
 
     @torch.no_grad()
@@ -289,7 +274,7 @@ class Refiner:
     def finish(self) -> dict:
         """Write the refined adapter set and ``summary.json``; return the summary."""
         final = self.last_eval or self.evaluate()
-        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("out", "resume", "device")}
+        settings = run_settings(self.cfg)
         adapters = {i: a.cpu().eval() for i, a in self.adapters.items()}
         extra = {**self.source.extra, "refine": settings, "refined_from": self.cfg.adapters,
                  "refine_tokens_seen": self.tokens_seen}

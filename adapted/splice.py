@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tca import TcaError
+from tca.cache.layers import select_layers
 from tca.cache.models import check_pair, find_model, load_tokenizer, resolve_device
 from tca.train.adapter import Adapter, decode
 from tca.train.checkpoint import AdapterSet, load_adapters
@@ -167,10 +168,10 @@ def load_adapted(
     device: str = "auto",
     dtype: str = "float32",
     keep_target: bool = False,
-    layers: list[int] | None = None,
+    layers: str = "all",
 ):
     """The adapted model of a base/target pair (local directories or Hub ids) on ``device``, with
-    the adapters of ``layers`` (all by default). Read the data before calling this: a bad
+    the adapters of ``layers`` (a layer spec such as ``0,3,5-7``). Read the data before calling this: a bad
     dataset should fail before gigabytes of weights load."""
     if dtype not in DTYPES:
         raise TcaError(f"unknown --dtype {dtype!r}; use one of {list(DTYPES)}.")
@@ -178,10 +179,7 @@ def load_adapted(
     base_src, target_src = find_model(base), find_model(target)
     check_pair(base_src, target_src)
     aset = adapters if isinstance(adapters, AdapterSet) else load_adapters(adapters)
-    chosen = aset.layers if layers is None else layers
-    missing = [layer for layer in chosen if layer not in aset.adapters]
-    if missing:
-        raise TcaError(f"{adapters} has no adapter for layer {missing[0]} (it has layers {aset.layers}).")
+    chosen = select_layers(layers, aset.layers, f"{adapters} has adapters for")
     # checked before any weights load, so bad input costs nothing
     if aset.config.d_model != target_src.d_model:
         raise TcaError(f"{adapters} reads width {aset.config.d_model}, but {target} has hidden size "

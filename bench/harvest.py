@@ -28,13 +28,13 @@ import torch
 
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.harvest import HarvestConfig, batch_inputs, harvest, plan_batches
+from tca.cache.layers import select_layers
 from tca.cache.models import (
     find_model,
     live_mlps,
     load_base_mlps,
     load_model,
     load_tokenizer,
-    parse_layers,
     resolve_dtype,
 )
 from tca.cache.plan import PlanConfig, build_plan
@@ -51,7 +51,7 @@ def emit(**fields) -> None:
 def compute_only(cfg: HarvestConfig) -> float:
     """Seconds of the forward passes and MLPs of a harvest, with everything already in memory."""
     target_src, base_src = find_model(cfg.target), find_model(cfg.base)
-    layers = parse_layers(cfg.layers, target_src.n_layers)
+    layers = select_layers(cfg.layers, range(target_src.n_layers))
     tokenizer = load_tokenizer(target_src)
     plan = build_plan(cfg.plan, tokenizer)
     model = load_model(target_src, resolve_dtype(cfg.dtype, target_src), torch.device("cpu"))

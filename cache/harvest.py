@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tca import TcaError
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
+from tca.cache.layers import select_layers
 from tca.cache.models import (
     check_mlp_shapes,
     check_pair,
@@ -39,7 +40,6 @@ from tca.cache.models import (
     load_base_mlps,
     load_model,
     load_tokenizer,
-    parse_layers,
     resolve_device,
     resolve_dtype,
 )
@@ -169,7 +169,7 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     base_src = find_model(cfg.base, cfg.base_revision)
     target_src = find_model(cfg.target, cfg.target_revision)
     check_pair(base_src, target_src)
-    layers = parse_layers(cfg.layers, target_src.n_layers)
+    layers = select_layers(cfg.layers, range(target_src.n_layers))
     if cfg.batch_tokens < 1:
         raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
     dtype = resolve_dtype(cfg.dtype, target_src)

@@ -105,25 +105,6 @@ def check_pair(base: ModelSource, target: ModelSource) -> None:
             )
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """``all`` or a list like ``0,3,5-7`` as sorted layer indices, checked against the model."""
-    if spec.strip() == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise TcaError(f"--layers {spec!r} is not 'all' or a list like 0,3,5-7.") from None
-    if not layers:
-        raise TcaError(f"--layers {spec!r} selects no layer.")
-    bad = [layer for layer in sorted(layers) if not 0 <= layer < n_layers]
-    if bad:
-        raise TcaError(f"layer {bad[0]} is out of range; the models have layers 0 to {n_layers - 1}.")
-    return sorted(layers)
-
-
 @dataclass
 class MlpWeights:
     """One layer's gated MLP in float32: ``down(act(gate(x)) * up(x))``."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tca.cache.cluster import ClusterConfig, dask_client
-from tca.cache.models import parse_layers
+from tca.cache.layers import select_layers
 from tca.cache.store import Store
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ class StoreStats:
 def store_stats(cfg: StatsConfig) -> StoreStats:
     """Open the store named by ``cfg`` and compute its statistics on a Dask cluster."""
     store = Store.open(cfg.store, storage_options=cfg.storage_options)
-    layers = store.layers if cfg.layers == "all" else parse_layers(cfg.layers, max(store.layers) + 1)
-    for layer in layers:
-        store.array(layer, "x")  # refuses a layer the store does not hold
+    layers = select_layers(cfg.layers, store.layers, f"{store.url} holds")
     with dask_client(cfg.cluster) as client:
         return compute_stats(store, layers, client, cfg.outlier_factor, cfg.top_outliers)
 

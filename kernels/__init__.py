@@ -5,7 +5,8 @@ dense reference with the same arguments.
 """
 
 from .dense import dense_adapter
-from .dispatch import DensityGate, sparse_adapter
+from .activations import ACTIVATIONS, TOP_K
+from .dispatch import DensityGate, choose_path, sparse_adapter
 from .output import SparseOutput
 
-__all__ = ["DensityGate", "SparseOutput", "dense_adapter", "sparse_adapter"]
+__all__ = ["ACTIVATIONS", "TOP_K", "DensityGate", "SparseOutput", "choose_path", "dense_adapter", "sparse_adapter"]

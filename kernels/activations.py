@@ -1,5 +1,7 @@
 """The activation functions, written once for any shape: the sparse path applies them to
-the selected pre-activations [nnz], the dense reference to the whole [B, F] matrix.
+the selected pre-activations [nnz], the dense reference to the whole [B, F] matrix, and the
+adapter (train/adapter.py) to its [..., F] pre-activations. This module owns the list of
+activations every other stage accepts.
 
 JumpReLU follows Rajamanoharan et al. (2024): ``z * H(z - threshold)``, with a straight-through
 pseudo-gradient for the threshold, ``-(threshold / bandwidth) * K((z - threshold) / bandwidth)``
@@ -14,6 +16,9 @@ import torch
 from torch import Tensor
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
+"""Every activation an adapter can have: ReLU (the paper's), JumpReLU, TopK, BatchTopK."""
+TOP_K = ("topk", "batchtopk")
+"""The activations whose sparsity is a count ``k`` of active features; the others' is a coefficient."""
 
 
 class JumpReLU(torch.autograd.Function):
@@ -33,6 +38,24 @@ class JumpReLU(torch.autograd.Function):
             pseudo = -(threshold / ctx.bandwidth) * in_band * grad
             grad_threshold = pseudo.sum_to_size(threshold.shape).to(threshold.dtype)
         return grad_z, grad_threshold, None
+
+
+class JumpReLUStep(torch.autograd.Function):
+    """``1[z > threshold]``, the count JumpReLU's L0 penalty sums, with the same pseudo-gradient
+    for the threshold, ``-(1 / bandwidth) * K((z - threshold) / bandwidth)``, and none for ``z``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, threshold = ctx.saved_tensors
+        in_band = (z - threshold).abs() < ctx.bandwidth / 2
+        pseudo = -(1 / ctx.bandwidth) * in_band * grad
+        return None, pseudo.sum_to_size(threshold.shape).to(threshold.dtype), None
 
 
 def selection_floor(activation: str, threshold: Tensor | None, bandwidth: float,

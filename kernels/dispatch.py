@@ -1,11 +1,12 @@
-"""The one entry point the trainer calls: ``sparse_adapter``.
+"""The one entry point the trainer calls, ``sparse_adapter``, and the one path rule, ``choose_path``.
 
 Path rule: the dense reference while the measured density of active entries is above
 ``DensityGate.crossover`` (ReLU and JumpReLU start dense and sparsify as they train; for
 TopK/BatchTopK the density is k / F, known up front); otherwise the sparse path, with the
 Triton kernels on CUDA and their PyTorch twins elsewhere. The density that decides comes
 from an earlier step's firing counts, copied to the host asynchronously, so choosing never
-waits on the GPU.
+waits on the GPU. ``sparse_adapter(path="auto")`` and the adapter's training step
+(train/adapter.py) both ask ``choose_path``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ class DensityGate:
             self.density = host.item() / size
 
 
+def choose_path(activation: str, n_features: int, k: int | None, threshold: Tensor | None,
+                gate: DensityGate | None, cuda: bool) -> str:
+    """``dense`` while ``gate`` finds activations too dense for sparsity to pay, else ``triton``
+    on CUDA and ``torch`` elsewhere. Training TopK/BatchTopK (no inference ``threshold``) is
+    known to be k / F dense; the rest is judged by the gate's latest measurement."""
+    known = k / n_features if activation in activations.TOP_K and threshold is None else None
+    if gate is not None and gate.prefers_dense(known):
+        return "dense"
+    return "triton" if cuda else "torch"
+
+
 def sparse_adapter(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                    b_dec: Tensor | None = None, *, activation: str, k: int | None = None,
                    threshold: Tensor | None = None, bandwidth: float = 1e-3,
@@ -84,11 +96,7 @@ def sparse_adapter(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
     if path not in PATHS:
         raise TcaError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
     if path == "auto":
-        known = k / W_enc.shape[1] if activation in ("topk", "batchtopk") and threshold is None else None
-        if gate is not None and gate.prefers_dense(known):
-            path = "dense"
-        else:
-            path = "triton" if x.is_cuda else "torch"
+        path = choose_path(activation, W_enc.shape[1], k, threshold, gate, x.is_cuda)
     if path == "dense":
         out = dense_adapter(x, W_enc, b_enc, W_dec, b_dec, activation=activation, k=k,
                             threshold=threshold, bandwidth=bandwidth, dead_mask=dead_mask, k_aux=k_aux)

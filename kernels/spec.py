@@ -7,7 +7,7 @@ from torch import Tensor
 
 from tca import TcaError
 
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, TOP_K
 
 
 def check_inputs(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor | None,
@@ -31,7 +31,7 @@ def check_inputs(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: 
         raise TcaError("x, W_enc, b_enc, W_dec and b_dec must share one dtype and one device")
     if x.requires_grad:
         raise TcaError("x must not require grad: the adapter kernels never form a gradient for their input")
-    if activation in ("topk", "batchtopk") and threshold is None and not (k is not None and 1 <= k <= n_features):
+    if activation in TOP_K and threshold is None and not (k is not None and 1 <= k <= n_features):
         raise TcaError(f"{activation} needs k between 1 and the width {n_features}, got {k}")
     if activation == "jumprelu" and (threshold is None or threshold.shape != (n_features,)):
         raise TcaError(f"jumprelu needs a per-feature threshold of shape ({n_features},)")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from tca import TcaError
 from tca.cache.cluster import ClusterConfig, dask_client
-from tca.cache.models import parse_layers
+from tca.cache.layers import select_layers
 from tca.cache.store import Store
 from tca.query import schema
 from tca.query.lens import LogitLens
@@ -124,12 +124,8 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     for spec in cfg.adapters:
         name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
         adapters += load_adapters(path, name or None)
-    if cfg.layers != "all":
-        layers = parse_layers(cfg.layers, max(store.layers) + 1)
-        missing = sorted(set(layers) - {a.layer for a in adapters})
-        if missing:
-            raise TcaError(f"the adapters have no layer {missing[0]}; they cover {sorted({a.layer for a in adapters})}.")
-        adapters = [a for a in adapters if a.layer in layers]
+    layers = select_layers(cfg.layers, {a.layer for a in adapters}, "the adapters cover")
+    adapters = [a for a in adapters if a.layer in layers]
     lens_dir = cfg.target or _recorded_target(store, adapters)
     lens = LogitLens.from_pretrained(lens_dir) if lens_dir else None
     if lens is None:

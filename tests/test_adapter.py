@@ -164,3 +164,17 @@ def test_metrics_match_numpy_and_accumulate_over_batches():
     assert sums.fve == pytest.approx(want_fve, rel=1e-10)
     assert sums.nmse == pytest.approx(want_nmse, rel=1e-10)
     assert sums.l0 == pytest.approx((acts != 0).sum(1).mean())
+
+
+def test_every_stage_accepts_the_kernels_activations():
+    """The torch-free configs spell the activations out for ``--help``; the kernels own the list."""
+    from typing import get_args, get_type_hints
+
+    from tca.adapted.config import RefineConfig
+    from tca.kernels import ACTIVATIONS
+    from tca.train.config import TrainConfig
+
+    assert get_args(get_type_hints(TrainConfig)["activation"]) == ACTIVATIONS
+    assert set(get_args(get_type_hints(RefineConfig)["activation"])) <= set(ACTIVATIONS)
+    for activation in ACTIVATIONS:
+        assert AdapterConfig(d_model=D, n_features=F, activation=activation).activation == activation

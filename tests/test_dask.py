@@ -166,4 +166,4 @@ def test_bad_cluster_settings_get_one_sentence(stores):
         with dask_client(ClusterConfig(scheduler="tcp://127.0.0.1:9", connect_timeout=2)):
             pass
     res = CliRunner().invoke(main, ["cache", "stats", str(stores["root"] / "full"), "--layers", "1"])
-    assert res.exit_code == 2 and "layer 1 is not in" in res.output
+    assert res.exit_code == 2 and "layer 1 is out of range" in res.output

@@ -200,7 +200,7 @@ def test_train_and_plot_commands(store_url, tmp_path):
 def test_bad_input_gets_one_sentence(store_url, tmp_path):
     base = ["train", "--cache", store_url, "--features", 16, "--batch", 128, "--holdout-frac", 0.2]
     cases = {
-        "holds no layer 5": [*base, "--out", tmp_path / "a", "--layers", "5"],
+        "layer 5 is out of range": [*base, "--out", tmp_path / "a", "--layers", "5"],
         "is not a comma list": [*base, "--out", tmp_path / "b", "--l1", "0.1,abc"],
         "too little data": [*base[:-2], "--holdout-frac", 0.0001, "--out", tmp_path / "c"],
         "no checkpoint to resume": [*base, "--out", tmp_path / "d", "--resume"],

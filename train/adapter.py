@@ -9,10 +9,11 @@ each activation by that row's norm, so shrinking activations cannot be paid for 
 decoder rows. The decoder starts at zero, so an untrained adapter is the hybrid model.
 
 Training runs through ``tca.kernels.sparse_adapter`` for ReLU, TopK and BatchTopK: the decoder
-and every backward product touch only the active entries, and a density gate held by the
-adapter keeps the dense path while activations are still dense. ``kernels=False`` (and JumpReLU,
-whose L0 term needs every pre-activation) trains on the dense objective written out here, the
-reference the kernel path is tested against.
+and every backward product touch only the active entries. The kernels' path rule
+(``tca.kernels.choose_path``, fed by a density gate the adapter holds) keeps the dense objective
+written out here while activations are still dense. ``kernels=False`` (and JumpReLU, whose L0
+term needs every pre-activation) always trains on that dense objective, the reference the
+kernel path is tested against.
 
 The loss is scale-free: squared error is divided by the mean squared norm of ``delta``
 (``loss_scale`` squared, estimated by the trainer) and the weighted L1 by ``loss_scale``, so one
@@ -27,11 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tca.kernels import DensityGate, sparse_adapter
-
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-KERNEL_ACTIVATIONS = ("relu", "topk", "batchtopk")
-"""Activations whose training objective the sparse kernels' outputs cover."""
+from tca.kernels import ACTIVATIONS, TOP_K, DensityGate, choose_path, sparse_adapter
+from tca.kernels.activations import JumpReLU, JumpReLUStep
 
 
 @dataclass
@@ -128,41 +126,6 @@ def decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) 
     return pred if b_dec is None else pred + b_dec
 
 
-class _JumpReLU(torch.autograd.Function):
-    """``pre * 1[pre > theta]``; the threshold's gradient by a rectangle-kernel estimator."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_threshold = -(threshold / eps) * window * grad
-        return grad * (pre > threshold), grad_threshold.sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    """``1[pre > theta]`` with the same estimator for the threshold (the JumpReLU L0 penalty)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        return torch.zeros_like(pre), (-(1 / eps) * window * grad).sum(0), None
-
-
 def _keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """``values`` with all but the ``k`` largest of each row set to zero."""
     top = values.topk(min(k, values.shape[-1]), dim=-1)
@@ -202,7 +165,7 @@ class Adapter(nn.Module):
         if act == "topk":
             return _keep_topk(torch.relu(pre), self.cfg.k)
         if act == "jumprelu":
-            return _JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+            return JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
         # batchtopk: the k * N largest over the whole batch while training, a fixed threshold after
         if not self.training:
             return pre * (pre > self.threshold.clamp_min(0))
@@ -226,12 +189,15 @@ class Adapter(nn.Module):
 
     def loss(self, x: torch.Tensor, delta: torch.Tensor) -> AdapterLoss:
         aux_dead = self._aux_dead()
-        if self._sparse_pays():
-            fwd = self._forward_kernels(x, aux_dead)
-        else:
-            fwd = self._forward_reference(x, aux_dead)
-            if self.cfg.kernels:
-                self.gate.record(fwd.out.counts, x.shape[0])  # so the gate sees activations sparsify
+        # JumpReLU's L0 term needs every pre-activation, which the kernels do not return
+        gated = self.cfg.kernels and self.cfg.activation != "jumprelu"
+        k = min(self.cfg.k, self.cfg.n_features)
+        path = choose_path(self.cfg.activation, self.cfg.n_features, k, None, self.gate, x.is_cuda) if gated else "dense"
+        # the kernels' own dense path forms entry lists the loss does not need, so dense steps
+        # take the reference objective
+        fwd = self._forward_reference(x, aux_dead) if path == "dense" else self._forward_kernels(x, aux_dead, path)
+        if gated:
+            self.gate.record(fwd.out.counts, x.shape[0])  # so the gate sees activations sparsify
         scale = self.loss_scale
         err = fwd.out.pred - delta
         mse = err.square().sum(-1).mean() / scale.square()
@@ -243,20 +209,9 @@ class Adapter(nn.Module):
             aux = self.cfg.aux_coef * aux_mse / residual.square().sum(-1).mean().clamp_min(1e-12)
         return AdapterLoss(mse + sparsity + aux, mse, sparsity, aux, fwd.out)
 
-    def _sparse_pays(self) -> bool:
-        """The one place that picks the training path: the sparse kernels once the gate's
-        density (k / F for TopK and BatchTopK, else the latest measured) is below its crossover;
-        the dense reference objective otherwise, which is cheaper than the kernels' own dense
-        path since it forms no entry lists."""
-        act = self.cfg.activation
-        if not self.cfg.kernels or act not in KERNEL_ACTIVATIONS:
-            return False
-        known = min(self.cfg.k, self.cfg.n_features) / self.cfg.n_features if act != "relu" else None
-        return not self.gate.prefers_dense(known)
-
     def _aux_dead(self) -> tuple[torch.Tensor, int] | None:
         """(dead mask, how many of them reconstruct the residual) when the aux loss applies."""
-        if self.cfg.activation not in ("topk", "batchtopk") or self.cfg.aux_coef <= 0:
+        if self.cfg.activation not in TOP_K or self.cfg.aux_coef <= 0:
             return None
         dead = self.dead_mask
         n_dead = int(dead.sum())
@@ -264,12 +219,11 @@ class Adapter(nn.Module):
             return None
         return dead, min(self.cfg.aux_k or self.cfg.d_model // 2, n_dead)
 
-    def _forward_kernels(self, x: torch.Tensor, aux_dead: tuple[torch.Tensor, int] | None) -> _Forward:
+    def _forward_kernels(self, x: torch.Tensor, aux_dead: tuple[torch.Tensor, int] | None, path: str) -> _Forward:
         dead, k_aux = aux_dead if aux_dead is not None else (None, None)
         out = sparse_adapter(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, activation=self.cfg.activation,
-            k=min(self.cfg.k, self.cfg.n_features), dead_mask=dead, k_aux=k_aux, gate=self.gate,
-            path="triton" if x.is_cuda else "torch",
+            k=min(self.cfg.k, self.cfg.n_features), dead_mask=dead, k_aux=k_aux, path=path,
         )
         # the kernels' l1 is the per-row mean of the weighted L1, as the reference's
         penalty = out.l1 / self.loss_scale if self.cfg.activation == "relu" else out.l1.new_zeros(())
@@ -283,7 +237,7 @@ class Adapter(nn.Module):
         if act == "relu":
             penalty = (out.acts @ self.W_dec.norm(dim=1)).mean() / self.loss_scale
         elif act == "jumprelu":
-            penalty = _Step.apply(out.pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
+            penalty = JumpReLUStep.apply(out.pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
         aux_pred = None
         if aux_dead is not None:
             dead, k_aux = aux_dead

@@ -37,6 +37,16 @@ CONFIG_FILE = "adapters.json"
 WEIGHTS_FILE = "adapters.safetensors"
 
 
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (a state dict) under names starting with ``prefix``, to share one file."""
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix...``, with ``prefix`` taken off: the inverse of ``prefixed``."""
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
 def store_models(store: Store) -> dict[str, Any] | None:
     """The base and target model provenance the harvester recorded, if any."""
     attrs = store.attrs
@@ -72,9 +82,9 @@ def save_adapters(path: str | Path, aset: AdapterSet) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {
-        f"layers.{layer}.{name}": t.detach().cpu().contiguous()
+        name: t.detach().cpu().contiguous()
         for layer, adapter in aset.adapters.items()
-        for name, t in adapter.state_dict().items()
+        for name, t in prefixed(f"layers.{layer}.", adapter.state_dict()).items()
     }
     meta = {
         "format": FORMAT,
@@ -108,8 +118,7 @@ def load_adapters(path: str | Path) -> AdapterSet:
     adapters = {}
     for layer in meta.pop("layers"):
         adapter = Adapter(cfg)
-        prefix = f"layers.{layer}."
-        adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        adapter.load_state_dict(unprefixed(f"layers.{layer}.", tensors))
         adapters[int(layer)] = adapter.eval()
     for key in ("format", "format_version"):
         meta.pop(key)

@@ -7,12 +7,12 @@ the loader's order is a function of the seed alone and the init of the seed and 
 adapter ends where the serial run's does (bit for bit on the same kind of device and thread
 count).
 
-Each process is a plain ``Trainer`` on its share, with ``OUT/ranks/<r>/`` as its run directory
-(checkpoints, metrics, adapters, summary). When rank 0 has finished its share it waits for the
-others' summaries, then writes exactly the files of a serial run — adapter sets, metrics.jsonl,
-summary.json, checkpoint/ — and removes ``OUT/ranks``. The hand-over goes through files, not a
-collective, so shares that finish far apart hit no timeout; torchrun stops every process when
-one fails. A killed run resumes with ``--resume`` and the same number of processes.
+Each process is a plain ``Trainer`` on its share (``tca.train.trainer.train`` starts it), with
+``OUT/ranks/<r>/`` as its run directory (checkpoints, metrics, adapters, summary). When rank 0
+has finished its share it waits for the others' summaries, then writes exactly the files of a
+serial run — adapter sets, metrics.jsonl, summary.json, checkpoint/ — and removes ``OUT/ranks``.
+The hand-over goes through files, not a collective, so shares that finish far apart hit no
+timeout; torchrun stops every process when one fails. A killed run resumes with ``--resume`` and the same number of processes.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
-import torch
-
-from tca import TcaError
 from tca.cache.ranks import Ranks
 from tca.train.checkpoint import AdapterSet, load_adapters, load_checkpoint, save_adapters, save_checkpoint
-from tca.train.trainer import TrainConfig, Trainer, member_dir, sweep_values
+from tca.train.config import TrainConfig
+from tca.train.run import refuse_existing_run
+from tca.train.sweep import member_dir, sweep_values
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +36,16 @@ SHARES_DIR = "ranks"
 POLL_S = 0.5
 
 
-def train_share(cfg: TrainConfig, ranks: Ranks, on_step: Callable[[int], None] | None = None) -> dict:
-    """Train this process's share of the run; on rank 0, merge all shares and return the run's summary.
-
-    Other ranks return the summary of their own share.
-    """
+def prepare_share(cfg: TrainConfig, ranks: Ranks) -> Path:
+    """This process's run directory, ``OUT/ranks/<rank>``; a new run must not find a run in ``OUT``."""
     out = Path(cfg.out)
     share = out / SHARES_DIR / str(ranks.rank)
-    if not cfg.resume and ((out / "checkpoint").exists() or (out / "summary.json").exists()):
-        raise TcaError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out.")
-    if cfg.resume and (share / "summary.json").exists():
+    if not cfg.resume:
+        refuse_existing_run(out)
+    elif (share / "summary.json").exists():
         # a finished share is written again: rank 0 must not take the old files for the new ones
         (share / "summary.json").unlink()
-    trainer = Trainer(dataclasses.replace(cfg, out=str(share)), ranks)
-    if trainer.device.type == "cuda":
-        torch.cuda.set_device(trainer.device)  # the sparse kernels launch on the current device
-    log.info("rank %d of %d trains %s", ranks.rank, ranks.world_size, [m.key for m in trainer.members])
-    summary = trainer.run(on_step)
-    if ranks.rank != 0:
-        return summary
-    shares = [out / SHARES_DIR / str(r) for r in range(ranks.world_size)]
-    _wait_for(shares[1:], trainer.total_steps)
-    summary = merge_shares(out, dataclasses.replace(trainer.cfg, out=cfg.out), trainer.run_layers, shares)
-    shutil.rmtree(out / SHARES_DIR)
-    return summary
+    return share
 
 
 def _finished(share: Path, total_steps: int) -> bool:
@@ -82,12 +66,16 @@ def _wait_for(shares: list[Path], total_steps: int) -> None:
             time.sleep(POLL_S)
 
 
-def merge_shares(out: Path, cfg: TrainConfig, layers: list[int], shares: list[Path]) -> dict:
-    """Write the adapter sets, metrics.jsonl, summary.json and checkpoint of the serial run from its shares.
+def merge_shares(out: Path, cfg: TrainConfig, layers: list[int], world_size: int, total_steps: int) -> dict:
+    """On rank 0, once its own share is done: wait for the other shares to finish all
+    ``total_steps``, write the adapter sets, metrics.jsonl, summary.json and checkpoint of the
+    serial run from them, and remove the shares. Returns the run's summary.
 
     ``cfg`` is the run's configuration (``out`` as the user gave it); ``layers`` the run's layers in
     their serial order.
     """
+    shares = [out / SHARES_DIR / str(r) for r in range(world_size)]
+    _wait_for(shares[1:], total_steps)
     names = [name for name, _ in sweep_values(cfg)]
     order = {f"{name}/{layer}": i for i, (name, layer) in enumerate((n, la) for n in names for la in layers)}
     summaries = [json.loads((s / "summary.json").read_text()) for s in shares]
@@ -120,6 +108,7 @@ def merge_shares(out: Path, cfg: TrainConfig, layers: list[int], shares: list[Pa
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     _merge_checkpoints(out, cfg, order, shares)
+    shutil.rmtree(out / SHARES_DIR)
     return summary
 
 

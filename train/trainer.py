@@ -12,36 +12,37 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from tca import TcaError
-from tca.cache.models import parse_layers, resolve_device
+from tca.cache.layers import select_layers
+from tca.cache.models import resolve_device
 from tca.cache.ranks import Ranks
 from tca.cache.store import Store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.checkpoint import (
     AdapterSet,
-    load_checkpoint,
     optimizer_tensors,
+    prefixed,
     restore_optimizer,
     save_adapters,
     save_checkpoint,
     store_models,
     truncate_metrics,
+    unprefixed,
 )
 from tca.train.config import MAX_LR_SCALE, MIN_STEPS, PAPER_BATCH, PAPER_D, PAPER_FEATURES, PAPER_LR, TrainConfig
 from tca.train.loader import ActivationLoader, Batch, LoaderConfig
 from tca.train.metrics import MetricSums
+from tca.train.parallel import merge_shares, prepare_share
+from tca.train.run import RunLog, due, open_run, run_settings, seeded
+from tca.train.sweep import member_dir, sweep_values
 
 log = logging.getLogger(__name__)
-
-SWEEP_PARAM = {"relu": "l1", "jumprelu": "l1", "topk": "k", "batchtopk": "k"}
 
 
 def default_features(d_model: int) -> int:
@@ -90,17 +91,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def sweep_values(cfg: TrainConfig) -> list[tuple[str, dict]]:
-    """(member name, AdapterConfig overrides) for each sweep value."""
-    param = SWEEP_PARAM.get(cfg.activation)
-    if param is None:
-        raise TcaError(f"unknown activation {cfg.activation!r}; use one of {sorted(SWEEP_PARAM)}.")
-    other = "k" if param == "l1" else "l1"
-    if len(getattr(cfg, other)) > 1:
-        raise TcaError(f"a --{other} sweep does not apply to --activation {cfg.activation}; sweep --{param} instead.")
-    return [(f"{param}-{v:g}", {param: v}) for v in getattr(cfg, param)]
-
-
 class Trainer:
     """Holds the store, loader and members of one run; ``run`` trains to the end.
 
@@ -110,13 +100,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks = Ranks()):
         self.out = Path(cfg.out)
-        state = tensors = None
-        if cfg.resume:
-            state, tensors = load_checkpoint(self.out / "checkpoint")
+        state, tensors = open_run(self.out, cfg.resume) or (None, None)
+        if state is not None:
             saved = TrainConfig(**state["config"])
             cfg = dataclasses.replace(saved, cache=cfg.cache, device=cfg.device, resume=True)
-        elif (self.out / "checkpoint").exists() or (self.out / "summary.json").exists():
-            raise TcaError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out.")
         self.store = Store.open(cfg.cache)
         self.cfg = cfg = scaled_defaults(cfg, self.store.d_model, self.store.n_rows)
         self.models = store_models(self.store)
@@ -125,7 +112,7 @@ class Trainer:
                 f"{cfg.cache} was harvested from other models than the checkpoint in {self.out} "
                 f"({self.models} vs {state['models']}); resume with the store it was trained on."
             )
-        self.run_layers = self._layers()
+        self.run_layers = select_layers(cfg.layers, self.store.layers, f"{cfg.cache} holds")
         self.device = ranks.device(resolve_device(cfg.device))
         self.members = self._members(ranks)
         self.layers = [layer for layer in self.run_layers if any(m.layer == layer for m in self.members)]
@@ -149,16 +136,6 @@ class Trainer:
 
     # ---- set-up --------------------------------------------------------------------------------
 
-    def _layers(self) -> list[int]:
-        available = self.store.layers
-        if self.cfg.layers.strip() == "all":
-            return available
-        wanted = parse_layers(self.cfg.layers, 1 << 31)  # checked against the store's layers below
-        missing = [layer for layer in wanted if layer not in available]
-        if missing:
-            raise TcaError(f"{self.cfg.cache} holds no layer {missing[0]}; it holds layers {available}.")
-        return wanted
-
     def _adapter_config(self, overrides: dict) -> AdapterConfig:
         cfg = self.cfg
         values = dict(
@@ -177,8 +154,7 @@ class Trainer:
         for name, overrides, layer in jobs[ranks.rank :: ranks.world_size]:
             # the init depends on the seed and layer only: sweep members match separate runs,
             # and an adapter starts alike whichever process trains it
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
-            adapter = Adapter(self._adapter_config(overrides), gen).to(self.device)
+            adapter = Adapter(self._adapter_config(overrides), seeded(self.cfg.seed, layer)).to(self.device)
             opt = torch.optim.AdamW(adapter.parameters(), lr=self.cfg.lr, weight_decay=0.0)
             members.append(Member(name, layer, adapter, opt))
         return members
@@ -195,7 +171,7 @@ class Trainer:
         tensors = {"rng.torch": torch.get_rng_state()}
         groups = {}
         for m in self.members:
-            tensors |= {f"adapter.{m.key}.{k}": v for k, v in m.adapter.state_dict().items()}
+            tensors |= prefixed(f"adapter.{m.key}.", m.adapter.state_dict())
             opt_t, groups[m.key] = optimizer_tensors(f"opt.{m.key}", m.opt)
             tensors |= opt_t
         state = {
@@ -212,8 +188,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         torch.set_rng_state(tensors["rng.torch"])
         for m in self.members:
-            prefix = f"adapter.{m.key}."
-            m.adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            m.adapter.load_state_dict(unprefixed(f"adapter.{m.key}.", tensors))
             restore_optimizer(f"opt.{m.key}", m.opt, tensors, state["optimizers"][m.key])
             m.adapter.gate.density = state.get("gate_density", {}).get(m.key)
         truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -225,12 +200,9 @@ class Trainer:
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train to ``total_steps``; ``on_step(step)`` runs after each step (tests stop runs with it)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         per_epoch = self.loader.batches_per_epoch
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        t0, tokens0 = time.perf_counter(), self.tokens_seen
         try:
-            with open(self.out / "metrics.jsonl", "a") as metrics:
+            with RunLog(self.out, "train", self.total_steps, self.step, self.tokens_seen) as run_log:
                 while self.step < self.total_steps:
                     epoch, first = divmod(self.step, per_epoch)
                     for batch in self.loader.epoch(epoch, first):
@@ -239,24 +211,18 @@ class Trainer:
                         records = self._train_step(batch)
                         self.step += 1
                         self.tokens_seen += len(batch.rows)
-                        if records:
-                            rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
-                            for r in records:
-                                metrics.write(json.dumps(r) + "\n")
-                            bar.set_postfix(_postfix(records, rate), refresh=False)
-                        if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                            for r in self.evaluate():
-                                metrics.write(json.dumps(r) + "\n")
-                        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                            metrics.flush()
+                        run_log.write(records)
+                        if due(self.step, self.eval_every, self.total_steps):
+                            run_log.write(self.evaluate())
+                        if due(self.step, self.cfg.checkpoint_every, self.total_steps):
+                            run_log.flush()
                             self.save_checkpoint()
-                        bar.update()
+                        run_log.stepped(self.tokens_seen, _postfix(records) if records else None)
                         if on_step:
                             on_step(self.step)
                         if self.step >= self.total_steps:
                             break
         finally:
-            bar.close()
             self.loader.close()
         return self.finish()
 
@@ -332,7 +298,7 @@ class Trainer:
         by_name: dict[str, dict[int, Adapter]] = {}
         for m in self.members:
             by_name.setdefault(m.name, {})[m.layer] = m.adapter.cpu().eval()
-        train_settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("out", "resume", "device")}
+        train_settings = run_settings(self.cfg)
         for name, adapters in by_name.items():
             config = next(iter(adapters.values())).cfg
             save_adapters(
@@ -354,11 +320,6 @@ class Trainer:
         return summary
 
 
-def member_dir(out: Path, cfg: TrainConfig, name: str) -> Path:
-    """Where sweep member ``name`` of a run in ``out`` is written (``out`` itself without a sweep)."""
-    return out if len(sweep_values(cfg)) == 1 else out / name
-
-
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) the run ``cfg`` describes and return its summary.
 
@@ -366,11 +327,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     writes the files a serial run writes (train/parallel.py).
     """
     ranks = Ranks.from_env()
-    if ranks.distributed:
-        from tca.train.parallel import train_share
-
-        return train_share(cfg, ranks, on_step)
-    return Trainer(cfg).run(on_step)
+    if not ranks.distributed:
+        return Trainer(cfg).run(on_step)
+    trainer = Trainer(dataclasses.replace(cfg, out=str(prepare_share(cfg, ranks))), ranks)
+    if trainer.device.type == "cuda":
+        torch.cuda.set_device(trainer.device)  # the sparse kernels launch on the current device
+    log.info("rank %d of %d trains %s", ranks.rank, ranks.world_size, [m.key for m in trainer.members])
+    summary = trainer.run(on_step)
+    if ranks.rank != 0:
+        return summary  # the summary of this process's share
+    run_cfg = dataclasses.replace(trainer.cfg, out=cfg.out)
+    return merge_shares(Path(cfg.out), run_cfg, trainer.run_layers, ranks.world_size, trainer.total_steps)
 
 
 def _eval_summary(record: dict) -> dict:
@@ -378,10 +345,9 @@ def _eval_summary(record: dict) -> dict:
     return {k: record[k] for k in keys if k in record}
 
 
-def _postfix(records: list[dict], tokens_per_s: float) -> dict:
+def _postfix(records: list[dict]) -> dict:
     n = len(records)
     return {
-        "tok/s": f"{tokens_per_s:,.0f}",
         "loss": f"{sum(r['loss'] for r in records) / n:.4f}",
         "L0": f"{sum(r['l0'] for r in records) / n:.1f}",
         "FVE": f"{sum(r['fve'] for r in records) / n:.3f}",
