@@ -29,6 +29,11 @@ demo: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
+## gpu-check: first thing on a CUDA machine: tests, kernel/harvest/train figures into gpu-check.json in 4 min (ARGS=--quick: 2), installing nothing
+.PHONY: gpu-check
+gpu-check:
+	$(PY) bench/gpu_check.py $(ARGS)
+
 ## cli-docs: regenerate docs/cli.md from the commands' --help
 cli-docs: $(STAMP)
 	COLUMNS=100 $(PY) docs/make_cli_md.py > docs/cli.md
