@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.outputs import atomic_dir, atomic_file, check_output
 from tca.query.render import visible
 from tca.query.sql import connect, run_sql
 from tca.query.view import FeatureView, feature_view
@@ -49,58 +50,61 @@ class ReportConfig:
     """One page per live feature, and an ``index.html`` linking them."""
     adapter: str | None = None
     """The adapter (default: the index's only one)."""
-    k: int = 20
+    k: int = field(default=20, metadata={"flag": ("-k", "--k")})
     """Top examples per page."""
     context: int = 12
     """Tokens of context either side of an example."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists (with ``all_features`` the whole directory, so no stale page stays)."""
 
 
 def make_report(cfg: ReportConfig) -> Path:
     """Write what ``cfg`` asks for; returns the page (or the directory's index.html)."""
     if cfg.all_features:
-        return write_all(cfg.index, cfg.out, cfg.adapter, cfg.layer, cfg.k, cfg.context)
+        return write_all(cfg.index, cfg.out, cfg.adapter, cfg.layer, cfg.k, cfg.context, cfg.overwrite)
     if cfg.layer is None or cfg.feature is None:
         raise TcaError("name a LAYER and a FEATURE, or pass --all for every feature.")
-    return write_report(cfg.index, cfg.layer, cfg.feature, cfg.out, cfg.adapter, cfg.k, cfg.context)
+    return write_report(cfg.index, cfg.layer, cfg.feature, cfg.out, cfg.adapter, cfg.k, cfg.context, cfg.overwrite)
 
 
 def write_report(index: Path, layer: int, feature: int, out: Path, adapter: str | None = None,
-                 k: int = 20, context: int = 12) -> Path:
+                 k: int = 20, context: int = 12, overwrite: bool = False) -> Path:
+    """One feature's page at ``out``, which appears only once complete."""
+    out = check_output(out, overwrite, [index])
     con = connect(index)
     try:
         view = feature_view(con, layer, feature, adapter, k, context)
     finally:
         con.close()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(feature_html(view))
+    with atomic_file(out) as tmp:
+        tmp.write_text(feature_html(view))
     return out
 
 
 def write_all(index: Path, out_dir: Path, adapter: str | None = None, layer: int | None = None,
-              k: int = 20, context: int = 12) -> Path:
-    """A page per feature that fired at least once, and an index page listing them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+              k: int = 20, context: int = 12, overwrite: bool = False) -> Path:
+    """A page per feature that fired at least once, and an index page listing them, in a directory
+    that appears only once every page is written."""
+    out_dir = check_output(out_dir, overwrite, [index])
     con = connect(index)
     try:
-        live = run_sql(
-            con,
-            """SELECT adapter, layer, feature, n_active, frequency, max, top_logits FROM features
-               WHERE adapter = resolve_adapter($adapter) AND ($layer IS NULL OR layer = $layer) AND n_active > 0
-               ORDER BY layer, n_active DESC, feature""",
-            {"adapter": adapter, "layer": layer},
-        ).to_pylist()
-        for row in tqdm(live, desc="report", unit="page"):
-            view = feature_view(con, row["layer"], row["feature"], row["adapter"], k, context)
-            (out_dir / _page_name(row["layer"], row["feature"])).write_text(feature_html(view, back="index.html"))
+        with atomic_dir(out_dir) as tmp:
+            live = run_sql(
+                con,
+                """SELECT adapter, layer, feature, n_active, frequency, max, top_logits FROM features
+                   WHERE adapter = resolve_adapter($adapter) AND ($layer IS NULL OR layer = $layer) AND n_active > 0
+                   ORDER BY layer, n_active DESC, feature""",
+                {"adapter": adapter, "layer": layer},
+            ).to_pylist()
+            for row in tqdm(live, desc="report", unit="page"):
+                view = feature_view(con, row["layer"], row["feature"], row["adapter"], k, context)
+                (tmp / _page_name(row["layer"], row["feature"])).write_text(feature_html(view, back="index.html"))
+            name = live[0]["adapter"] if live else (adapter or "")
+            (tmp / "index.html").write_text(_index_html(name, live))
     finally:
         con.close()
-    name = live[0]["adapter"] if live else (adapter or "")
-    page = out_dir / "index.html"
-    page.write_text(_index_html(name, live))
     log.info("wrote %d feature pages to %s", len(live), out_dir)
-    return page
+    return out_dir / "index.html"
 
 
 def _page_name(layer: int, feature: int) -> str:

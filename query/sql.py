@@ -1,10 +1,15 @@
-"""Users' SQL over an index: a read-only connection, and only read statements.
+"""Users' SQL over an index: a connection that reaches the index and nothing else, and only read statements.
 
-A read-only DuckDB connection cannot change the database file, but it still runs
-``COPY … TO`` (writes any file), ``ATTACH`` (opens other databases for writing),
-``CREATE TEMP TABLE``, ``SET`` and ``PRAGMA``. So each statement's type is taken from DuckDB's
-own parser and only a single SELECT (which covers ``FROM …``, ``VALUES``, ``DESCRIBE``,
-``SHOW`` and ``SUMMARIZE``) runs.
+An index is something people share and serve, so a query must not reach past it. Every
+connection opened here is read-only and configured before any user SQL runs:
+``enable_external_access = false`` (no file but the index, no URL, no Python objects by name),
+no automatic extension install or load, no community extensions, and then
+``lock_configuration = true``, so no statement can change any of that back.
+
+The configuration alone still lets a read-only connection make temporary tables, set variables
+and (before DuckDB 2.0) run some PRAGMAs, so each statement's type is also taken from DuckDB's
+own parser and only a single SELECT (which covers ``FROM …``, ``VALUES``, ``DESCRIBE``, ``SHOW``
+and ``SUMMARIZE``) runs. docs/query.md lists what is refused and why.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import duckdb
 import pyarrow as pa
@@ -20,9 +26,19 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from tca import TcaError
+from tca.outputs import atomic_file, check_output
 
 _ALLOWED = {duckdb.StatementType.SELECT}
-FORMATS = ("table", "csv", "json", "parquet")
+Format = Literal["table", "csv", "json", "parquet"]
+FORMATS = get_args(Format)
+
+_CONFINED = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+}
+"""Set when the connection opens; ``lock_configuration`` follows once the session settings are made."""
 
 
 @dataclass
@@ -33,22 +49,25 @@ class SqlConfig:
     """The DuckDB index."""
     sql: str
     """One read statement; the macros (``top_examples`` …) are available."""
-    format: str = "table"
+    format: Format = "table"
     """``table`` (for reading), ``csv``, ``json`` (a list of records) or ``parquet`` (needs ``out``)."""
     out: Path | None = None
-    """Write the result here instead of stdout."""
+    """Write the result here (``table`` writes CSV) instead of stdout; never the index itself."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists."""
 
 
 def connect(index: str | Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to an index file."""
+    """A read-only connection to an index file that reaches nothing but the index."""
     path = Path(index)
     if not path.is_file():
         raise TcaError(f"{path} is not an index file; build one with `tca index`.")
     try:
-        con = duckdb.connect(str(path), read_only=True)
+        con = duckdb.connect(str(path), read_only=True, config=_CONFINED)
     except duckdb.Error as exc:
         raise TcaError(f"cannot open {path} as a DuckDB index: {_first_line(exc)}") from None
     con.execute("SET enable_progress_bar = false")  # DuckDB would draw it on stdout, among the results
+    con.execute("SET lock_configuration = true")
     if not con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'activations'").fetchall()[0][0]:
         con.close()
         raise TcaError(f"{path} is a DuckDB file but not a tca index (it has no activations table).")
@@ -74,6 +93,9 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list | dict | None
     check_read_only(con, sql)
     try:
         return con.sql(sql, params=params).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise TcaError(f"a query reads only the index's tables, not other files, URLs or extensions "
+                       f"({_first_line(exc).rstrip('.')}).") from None
     except duckdb.Error as exc:
         raise TcaError(f"the query failed: {_first_line(exc)}") from None
 
@@ -85,6 +107,34 @@ def query(index: str | Path, sql: str, params: list | dict | None = None) -> pa.
         return run_sql(con, sql, params)
     finally:
         con.close()
+
+
+def run_sql_command(cfg: SqlConfig) -> str | None:
+    """``tca sql``: run ``cfg.sql`` and write the result to ``cfg.out`` (returns None), or return
+    the text for stdout (a rendered table, CSV or JSON)."""
+    if cfg.format not in FORMATS:
+        raise TcaError(f"unknown format {cfg.format!r}; use one of {', '.join(FORMATS)}.")
+    if cfg.format == "parquet" and cfg.out is None:
+        raise TcaError("--format parquet needs --out FILE.")
+    if cfg.out is not None:
+        check_output(cfg.out, cfg.overwrite, [cfg.index])
+    table = query(cfg.index, cfg.sql)
+    fmt = "csv" if cfg.format == "table" else cfg.format
+    if cfg.out is not None:
+        with atomic_file(cfg.out) as tmp:
+            tmp.write_bytes(export(table, fmt))
+        return None
+    if cfg.format != "table":
+        return export(table, fmt).decode()
+    # render.py draws on this module's connect, so it is imported only when a table is drawn.
+    from rich.console import Console
+
+    from tca.query.render import arrow_table
+
+    console = Console()
+    with console.capture() as captured:
+        console.print(arrow_table(table))
+    return captured.get()
 
 
 def _first_line(exc: Exception) -> str:
