@@ -11,8 +11,9 @@ Teacher-forced on the tokens of ``--data``, over real (unpadded) positions only:
     NMSE_l(m)        Σ‖h_l(m) − h_l(target)‖² / Σ‖h_l(target)‖², h_l the output of decoder layer l
 
 With ``generate > 0``, greedy responses to the first prompts of ``--data`` give each mode's
-``Figures`` (accuracy, length, hesitations; ``tca.adapted.generation``), and the adapters'
-share of the target's gain over the hybrid: ``(adapted − hybrid) / (target − hybrid)``.
+``Figures`` (accuracy, length, share truncated, hesitations counted as ``words``;
+``tca.adapted.generation``), and the adapters' share of the target's gain over the hybrid:
+``(adapted − hybrid) / (target − hybrid)``.
 
 Layers without an adapter (``layers`` selects a subset) keep the base MLP in the adapted
 model, so the adapted and hybrid models differ exactly by the spliced adapters.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from tca import TcaError
 from tca.adapted.batches import TokenBatch, token_batches
-from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
 from tca.adapted.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.data import read_records, turns_of
 from tca.train.metrics import next_token_kl
@@ -62,8 +63,14 @@ class EvalConfig:
     """Documents per forward pass (each is run three times: target, hybrid, adapted)."""
     generate: int = 0
     """Prompts (the first records of ``data``) to generate from in each mode; 0 skips generation."""
-    max_new_tokens: int = 512
-    """Longest greedy response; a response cut here has no final answer."""
+    max_new_tokens: int = 4096
+    """Longest greedy response. 4096 is sized for R1 traces, which run to thousands of tokens; a
+    response cut here has no final answer, and the figures' ``truncated`` share says how many were
+    cut: raise it until that share is near 0 (time grows with it). Short-answer models such as the
+    demo pair need far less (the demo passes 200)."""
+    words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Words counted as hesitations in the generated responses (whole words; default ``Wait``,
+    ``tca.adapted.generation.HESITATION_WORDS``)."""
     gen_batch: int = 64
     """Prompts generated together."""
     dtype: str = "float32"
@@ -218,15 +225,17 @@ def behaviour(
     *,
     max_new_tokens: int,
     batch_size: int = 64,
+    words: tuple[str, ...] | list[str] = HESITATION_WORDS,
 ) -> dict[str, Figures]:
-    """Greedy responses to the records' questions in each mode, scored against their answers."""
+    """Greedy responses to the records' questions in each mode, scored against their answers,
+    ``words`` counted as hesitations."""
     questions = questions_of(records)
     figures = {}
     for name in modes:
         with mode(model, name):
             responses = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, desc=name)
-        figures[name] = score(tokenizer, records, responses)
+        figures[name] = score(tokenizer, records, responses, words)
     return figures
 
 
@@ -261,6 +270,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     """Load the adapted model once and measure its faithfulness (and behaviour) against the target."""
     if cfg.batch < 1 or cfg.seq_len < 2 or cfg.generate < 0 or cfg.max_new_tokens < 1:
         raise TcaError("--batch and --max-new-tokens must be positive, --seq-len at least 2 and --generate at least 0.")
+    check_words(cfg.words)
     tokenizer = target_tokenizer(cfg.target)
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
     records = prompt_records(cfg.data, cfg.generate) if cfg.generate else None
@@ -273,6 +283,6 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     report = EvalReport(str(cfg.adapters), layers, cfg.dtype, str(device), faith)
     if records is not None:
         report.behaviour = behaviour(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.gen_batch)
+                                     batch_size=cfg.gen_batch, words=cfg.words)
         report.recovery = recovery(report.behaviour)
     return report

@@ -15,8 +15,8 @@ What is measured, before and after the edits, on the same data:
 
 - teacher-forced over every real position of the data: the mean next-token probability mass
   on chosen tokens (``p(Wait)``) and the mean KL(before || after) of the next-token distributions;
-- greedy generation from the first ``generate_n`` prompts: mean response length, hesitations
-  and accuracy (``tca.adapted.generation.Figures``).
+- greedy generation from the first ``generate_n`` prompts: mean response length, share truncated,
+  hesitations (occurrences of ``words``) and accuracy (``tca.adapted.generation.Figures``).
 
 Edit syntax (``parse_edits``): ``LAYER:FEATURES[=VALUE]`` joined by ``;``, FEATURES a comma list
 of indices and ranges: ``2:17,40;3:5-7=4.5`` ablates features 17 and 40 of layer 2 and clamps
@@ -37,7 +37,7 @@ from tca import TcaError
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.evaluate import prompt_records
-from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
 from tca.adapted.splice import FeatureEdit, edits, load_adapted, target_tokenizer
 from tca.train.metrics import next_token_kl
 
@@ -157,14 +157,16 @@ def intervention_effect(
     feature_edits: list[FeatureEdit],
     mode: str,
     token_ids: list[int],
-    generate_n: int,
+    n_generate: int,
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> Effect:
+    words: tuple[str, ...] | list[str] = HESITATION_WORDS,
     """Before/after figures of ``feature_edits`` on ``model`` computing as ``mode``.
 
     The model's modes are restored afterwards. ``records`` are conversation records whose
-    first ``generate_n`` prompts are generated from (0: no generation).
+    first ``n_generate`` prompts are generated from (0: no generation); ``words`` are counted
+    as hesitations in the responses.
     """
     if mode not in INTERVENTION_MODES:
         raise TcaError(f"unknown intervention mode {mode!r}; use one of {', '.join(INTERVENTION_MODES)}.")
@@ -184,14 +186,14 @@ def intervention_effect(
                 kl += next_token_kl(plain, edited, mask).item()
         n = sum(b.n_tokens for b in batches)
         figures: list[Figures | None] = [None, None]
-        if generate_n > 0:
-            chosen = records[:generate_n]
+        if n_generate > 0:
+            chosen = records[:n_generate]
             questions = questions_of(chosen)
             for i, name in enumerate(("before", "after")):
                 with editing if name == "after" else nullcontext():
                     responses = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size, desc=f"generate {name}")
-                figures[i] = score(tokenizer, chosen, responses)
+                figures[i] = score(tokenizer, chosen, responses, words)
         return Effect(before / n, after / n, kl / n, n, *figures)
 
 
@@ -216,14 +218,20 @@ class InterventionConfig:
     """``adapted`` (ablation: necessity) or ``hybrid`` (clamping alone: sufficiency)."""
     at_tokens: list[str] | None = None
     """Edit only at positions whose input token is one of these (each one token); None: everywhere."""
-    measure: list[str] = field(default_factory=lambda: ["Wait"])
-    """Tokens whose next-token probability mass is measured (each one token)."""
+    measure: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Tokens whose next-token probability mass is measured (each one token; default the
+    hesitation words, ``tca.adapted.generation.HESITATION_WORDS``)."""
     max_tokens: int | None = 20_000
     """Teacher-forced tokens read from ``data`` (None: all)."""
     generate_n: int = 32
     """Prompts to generate from, the first ones of ``data`` (0: no generation)."""
-    max_new_tokens: int = 256
-    """Longest generated response."""
+    max_new_tokens: int = 4096
+    """Longest generated response. 4096 is sized for R1 traces, which run to thousands of tokens;
+    a response cut here has no final answer, and the figures' ``truncated`` share says how many
+    were cut: raise it until that share is near 0 (time grows with it). The demo pair needs 200."""
+    words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Words counted as hesitations in the generated responses (whole words; default ``Wait``,
+    ``tca.adapted.generation.HESITATION_WORDS``)."""
     seq_len: int = 1024
     """Tokens kept per document."""
     batch: int = 16
@@ -246,6 +254,7 @@ def run_intervention(cfg: InterventionConfig) -> InterventionReport:
     """Load the models and data named by ``cfg`` and measure the edits' effect."""
     feature_edits = parse_edits(cfg.edits)  # a typo fails before any model is loaded
     tokenizer = target_tokenizer(cfg.target)
+    check_words(cfg.words)
     if cfg.at_tokens:
         at = frozenset(single_token_ids(tokenizer, cfg.at_tokens))
         feature_edits = [replace(e, token_ids=at) for e in feature_edits]
@@ -254,6 +263,6 @@ def run_intervention(cfg: InterventionConfig) -> InterventionReport:
     records = prompt_records(cfg.data, cfg.generate_n) if cfg.generate_n > 0 else []
     model = load_adapted(cfg.adapters, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype)
     effect = intervention_effect(model, tokenizer, batches, records, feature_edits, cfg.mode, measure_ids,
-                                 cfg.generate_n, cfg.max_new_tokens, cfg.batch)
+                                 cfg.generate_n, cfg.max_new_tokens, cfg.batch, cfg.words)
     shown = [asdict(e) | {"token_ids": sorted(e.token_ids) if e.token_ids else None} for e in feature_edits]
     return InterventionReport(cfg.mode, shown, cfg.measure, effect)

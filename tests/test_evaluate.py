@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
+from tca import TcaError
 from tca.adapted.batches import batches_of, pad_id_of, tokenize_documents
 from tca.adapted.evaluate import (
     EvalConfig,
@@ -20,9 +22,9 @@ from tca.adapted.evaluate import (
     recovered,
     recovery,
 )
-from tca.adapted.generation import Figures, generate, questions_of, score
+from tca.adapted.generation import Figures, Response, generate, questions_of, score
 from tca.adapted.splice import adapted_mlps, adapted_model, set_mode
-from tca.cache.template import THINK_CLOSE
+from tca.cache.template import THINK_CLOSE, render_deepseek
 from tca.cli import main
 from tca.toy.tiny import tiny_conversations
 from tca.train.adapter import Adapter, AdapterConfig
@@ -122,13 +124,13 @@ def test_gap_arithmetic():
     assert recovered(0.9, 0.1, 0.5) == pytest.approx((0.5 - 0.1) / (0.9 - 0.1))
     assert recovered(0.3, 0.3, 0.5) is None and recovered(None, 0.1, 0.2) is None
 
-    target, hybrid = Figures(0.9, 80.0, 3.0, 1.0, 10), Figures(0.2, 5.0, 0.0, 0.0, 10)
-    adapted = Figures(0.6, 40.0, 1.5, 0.5, 10)
+    target, hybrid = Figures(0.9, 80.0, 0.0, 3.0, 1.0, 10), Figures(0.2, 5.0, 0.0, 0.0, 0.0, 10)
+    adapted = Figures(0.6, 40.0, 0.0, 1.5, 0.5, 10)
     r = recovery({"target": target, "hybrid": hybrid, "adapted": adapted})
     assert r.accuracy_gain_recovered == pytest.approx((0.6 - 0.2) / (0.9 - 0.2))
     assert r.hesitation_gain_recovered == pytest.approx((1.5 - 0.0) / (3.0 - 0.0))
     assert r.length_ratio == pytest.approx(40.0 / 80.0)
-    none = recovery({"target": Figures(None, 0.0, 0, 0, 1), "hybrid": hybrid, "adapted": adapted})
+    none = recovery({"target": Figures(None, 0.0, 0.0, 0, 0, 1), "hybrid": hybrid, "adapted": adapted})
     assert none.accuracy_gain_recovered is None and none.length_ratio is None
 
 
@@ -137,10 +139,11 @@ def test_accuracy_counts_matching_final_answers(spliced):
     records = tiny_conversations(6)
     truths = [r["conversations"][1]["value"].rsplit(THINK_CLOSE, 1)[1].strip() for r in records]
     texts = [f"think {THINK_CLOSE}\n\n{t if i % 3 else 'wrong'}" for i, t in enumerate(truths)]
-    responses = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    responses = [Response(tokenizer(t, add_special_tokens=False)["input_ids"], False) for t in texts]
     figures = score(tokenizer, records, responses)
-    correct = sum(tokenizer.decode(r).rsplit(THINK_CLOSE, 1)[1].strip() == t for r, t in zip(responses, truths))
+    correct = sum(tokenizer.decode(r.ids).rsplit(THINK_CLOSE, 1)[1].strip() == t for r, t in zip(responses, truths))
     assert figures.accuracy == pytest.approx(correct / len(records)) and 0 < correct < len(records)
+    assert figures.truncated == 0
 
 
 def test_behaviour_runs_each_mode(spliced):
@@ -153,6 +156,64 @@ def test_behaviour_runs_each_mode(spliced):
         direct = score(tokenizer, records, generate(model, tokenizer, questions_of(records), max_new_tokens=6))
         assert f == direct, name
     set_mode(model, "adapted")
+
+
+def _greedy(model, tokenizer, question: str, n: int, stops: set[int]) -> tuple[list[int], bool]:
+    """Greedy decoding without a cache or padding: the tokens before the first stop token, and
+    whether none came within ``n`` tokens."""
+    ids = tokenizer(render_deepseek(question), add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in stops:
+                return out, False
+            out.append(nxt)
+    return out, True
+
+
+def test_generation_stops_at_every_stop_token_and_counts_truncation(spliced, monkeypatch):
+    model, tokenizer = spliced
+    records = tiny_conversations(5)
+    questions = questions_of(records)
+    # make a token the model writes for the first question, but not for every question, a stop
+    # token, as a model's generation config may name stop tokens beyond the tokenizer's own
+    plain = [_greedy(model, tokenizer, q, 8, {tokenizer.eos_token_id})[0] for q in questions]
+    stop = next(t for t in plain[0][1:] if any(t not in ids for ids in plain[1:]))
+    monkeypatch.setattr(model.generation_config, "eos_token_id", stop)
+    stops = {tokenizer.eos_token_id, stop}
+    got = generate(model, tokenizer, questions, max_new_tokens=8, batch_size=2)
+    want = [_greedy(model, tokenizer, q, 8, stops) for q in questions]
+    assert [(r.ids, r.truncated) for r in got] == want
+    assert not got[0].truncated and any(r.truncated for r in got)
+    assert all(len(r.ids) == 8 for r in got if r.truncated)
+    figures = score(tokenizer, records, got)
+    assert figures.truncated == pytest.approx(sum(t for _, t in want) / len(records))
+    assert figures.mean_length == pytest.approx(sum(len(ids) for ids, _ in want) / len(records))
+
+
+def test_behaviour_counts_the_given_words(spliced):
+    model, tokenizer = spliced
+    records = tiny_conversations(4)
+    texts = [tokenizer.decode(r.ids) for r in generate(model, tokenizer, questions_of(records), max_new_tokens=12)]
+    words = [re.findall(r"\w+", t) for t in texts]
+    common = max({w for ws in words for w in ws}, key=lambda w: sum(ws.count(w) for ws in words))
+    figures = behaviour(model, tokenizer, records, ["adapted"], max_new_tokens=12, words=[common])["adapted"]
+    expected = sum(ws.count(common) for ws in words) / len(records)
+    assert figures.hesitations == pytest.approx(expected) and expected > 0
+    assert figures.hesitating == pytest.approx(sum(common in ws for ws in words) / len(records))
+
+
+def test_eval_refuses_empty_words_before_loading(tiny_pair, tiny_data, tmp_path, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("tca.adapted.evaluate.load_adapted", loaded)
+    _adapters(tmp_path / "set")
+    cfg = EvalConfig(adapters=str(tmp_path / "set"), base=str(tiny_pair[0]), target=str(tiny_pair[1]),
+                     data=str(tiny_data), generate=2, words=[" "], device="cpu")
+    with pytest.raises(TcaError, match="no hesitation words"):
+        evaluate(cfg)
 
 
 def _run(*args):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -17,8 +18,10 @@ from tca.adapted.batches import token_batches
 from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.generation import generate, questions_of, score
 from tca.adapted.intervene import (
+    InterventionConfig,
     intervention_effect,
     parse_edits,
+    run_intervention,
     single_token_ids,
     token_probability,
 )
@@ -176,14 +179,15 @@ def test_edits_apply_under_generate(world):
         cached = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
         for question, got in zip(questions_of(records), cached):
             ids = tok(render_deepseek(question), add_special_tokens=False)["input_ids"]
-            response = []
+            response, ended = [], False
             with torch.no_grad():
                 for _ in range(n_new):
                     nxt = int(model(torch.tensor([ids + response])).logits[0, -1].argmax())
                     if nxt == tok.eos_token_id:
+                        ended = True
                         break
                     response.append(nxt)
-            assert got == response
+            assert got.ids == response and got.truncated is not ended
     assert cached != plain  # the edits change what is generated
 
 
@@ -238,14 +242,22 @@ def test_intervention_effect_before_and_after(world):
     ids = single_token_ids(tok, [" Wait"])
     chosen = [FeatureEdit(1, [3]), FeatureEdit(2, [1], 5.0)]
     records = world["records"][:3]
-    effect = intervention_effect(model, tok, world["batches"], records, chosen, "adapted", ids, 3, 5, batch_size=2)
+    # count as hesitations the word the unedited model writes most, so the count is not zero
+    texts = [tok.decode(r.ids) for r in generate(model, tok, questions_of(records), max_new_tokens=5)]
+    written = [w for t in texts for w in re.findall(r"\w+", t)]
+    words = [max(set(written), key=written.count)]
+    effect = intervention_effect(model, tok, world["batches"], records, chosen, "adapted", ids, 3, 5, batch_size=2,
+                                 words=words)
     assert effect.p_before == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
     with edits(model, chosen):
         assert effect.p_after == pytest.approx(_direct_probability(model, world, ids), rel=1e-5)
-        after = score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5, batch_size=2))
+        after = score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5, batch_size=2),
+                      words)
     assert effect.p_after != pytest.approx(effect.p_before, rel=1e-3)
     assert effect.after == after
-    assert effect.before == score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5))
+    assert effect.before == score(tok, records, generate(model, tok, questions_of(records), max_new_tokens=5),
+                                  words)
+    assert effect.before.hesitations == pytest.approx(written.count(words[0]) / len(records)) and written
     # KL(before || after) per position, computed on each document alone
     kl = n = 0
     with torch.no_grad():
@@ -287,6 +299,17 @@ def _run(*args):
 def _args(world, *extra):
     return ["intervene", "--adapters", world["path"], "--base", world["base"], "--target", world["target"],
             "--data", world["data"], "--device", "cpu", "--max-tokens", 300, "--batch", 4, "--measure", " Wait", *extra]
+
+
+def test_intervene_refuses_empty_words_before_loading(world, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("tca.adapted.intervene.load_adapted", loaded)
+    cfg = InterventionConfig(adapters=str(world["path"]), base=str(world["base"]), target=str(world["target"]),
+                             data=str(world["data"]), edits="1:3", words=[""], device="cpu")
+    with pytest.raises(TcaError, match="no hesitation words"):
+        run_intervention(cfg)
 
 
 def test_cli_intervene_json(world):

@@ -52,7 +52,8 @@ class DemoConfig:
     study_features: int = 64
     """Most candidates the study tries (one ablation each)."""
     max_new_tokens: int = 200
-    """Longest generated response (the target's are about 90 tokens)."""
+    """Longest generated response, passed to the evaluation and the study in place of their
+    4096 (sized for R1 traces): the demo target's responses are about 90 tokens."""
     device: str = "auto"
     """auto, cpu or cuda."""
 
