@@ -7,6 +7,9 @@ Two record schemas are read:
   ``{"messages": [{"role": …, "content": …}]}``;
 - text: ``{"text": …}``.
 
+``--template chat`` renders conversations with the target tokenizer's chat template and refuses
+one whose rendering lost an assistant turn's thinking (R1's template strips it).
+
 Every other top-level scalar field of a record (``id``, ``domain``, …) is kept as a source
 field of its document.
 
@@ -142,8 +145,23 @@ def _render(record: dict, kind: str, template: str, tokenizer, path: Path, line:
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise TcaError("--template chat needs a target tokenizer with a chat template; use --template deepseek.")
-        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+        text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+        # R1's own chat template keeps only what follows </think> in assistant turns (it is
+        # written for feeding earlier turns back), which would silently drop every trace's thinking
+        if any(thinking(c) not in text for r, c in turns if r == "assistant"):
+            raise TcaError(f"{path} line {line}: the target's chat template drops the assistant's thinking "
+                           "(as R1's does), so --template chat would lose the traces; use --template deepseek.")
+        return text
     return render_turns_deepseek(turns)
+
+
+def thinking(content: str) -> str:
+    """The reasoning of an assistant turn: what comes before its last ``</think>``, without the
+    opening ``<think>`` and surrounding whitespace (empty when the turn does not think)."""
+    if THINK_CLOSE not in content:
+        return ""
+    head = content.rsplit(THINK_CLOSE, 1)[0]
+    return head.split(THINK_OPEN, 1)[-1].strip()
 
 
 def render_turns_deepseek(turns: list[tuple[str, str]]) -> str:

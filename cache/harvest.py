@@ -181,13 +181,6 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
 
         tokenizer = load_tokenizer(target_src)
         plan = build_plan(cfg.plan, tokenizer)
-        model = load_model(target_src, dtype, device)
-        act = target_src.config.get("hidden_act", "silu")
-        mlps = PairedMlps(
-            base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
-            target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
-        )
-        check_mlp_shapes(mlps.base, mlps.target)
 
         identity = cfg.identity() | {"dtype": str(dtype).removeprefix("torch."), "layers": layers}
         attrs = {
@@ -202,6 +195,15 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
             block_rows=cfg.block_rows, chunk_rows=cfg.chunk_rows, store_y=cfg.store_y, compressor=cfg.compressor,
             attrs=attrs,
         )
+        # A --resume of another configuration fails here, before any weights load.
+        rank0_first(ranks, lambda: _check_existing(existing, spec))
+        model = load_model(target_src, dtype, device)
+        act = target_src.config.get("hidden_act", "silu")
+        mlps = PairedMlps(
+            base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
+            target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
+        )
+        check_mlp_shapes(mlps.base, mlps.target)
         store = rank0_first(ranks, lambda: _prepare_store(cfg, existing, spec, plan))
         if store is None:
             store = _join_store(cfg, spec)
@@ -280,9 +282,15 @@ def _join_store(cfg: HarvestConfig, spec: StoreSpec) -> Store:
     return store
 
 
-def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, plan: Plan) -> Store:
+def _check_existing(existing: Store | None, spec: StoreSpec) -> None:
+    """Refuse to resume a store that was set up with another configuration."""
     if existing is not None and existing.setup_complete:
         _check_resumable(existing, spec)
+
+
+def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, plan: Plan) -> Store:
+    """The store to write into: ``existing`` (checked by ``_check_existing``) or a new one."""
+    if existing is not None and existing.setup_complete:
         log.info("resuming %s: %d of %d blocks committed", cfg.out, int(existing.committed().sum()), spec.n_blocks)
         leftovers = existing.leftover_writes()
         if leftovers:
