@@ -160,8 +160,8 @@ def intervention_effect(
     n_generate: int,
     max_new_tokens: int,
     batch_size: int = 32,
-) -> Effect:
     words: tuple[str, ...] | list[str] = HESITATION_WORDS,
+) -> Effect:
     """Before/after figures of ``feature_edits`` on ``model`` computing as ``mode``.
 
     The model's modes are restored afterwards. ``records`` are conversation records whose
