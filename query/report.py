@@ -50,7 +50,7 @@ class ReportConfig:
     """One page per live feature, and an ``index.html`` linking them."""
     adapter: str | None = None
     """The adapter (default: the index's only one)."""
-    k: int = field(default=20, metadata={"flag": ("-k", "--k")})
+    k: int = 20
     """Top examples per page."""
     context: int = 12
     """Tokens of context either side of an example."""
