@@ -3,11 +3,15 @@
 No language model runs: the store already holds each row's MLP input ``x``, so indexing is
 one encoder GEMM per row block. Layers are read once and feed every adapter of that layer.
 
-Each (adapter, layer) is written in one transaction that first deletes what the index held
-for it, so re-indexing replaces a layer atomically: a failure (or a kill) at any point leaves
-the previous activations, statistics and metadata in place. Activations are inserted sorted
-by (feature, value desc), so one feature's rows are contiguous and DuckDB's per-row-group
-min/max skip everything else when a query asks for one feature.
+Nothing is written under the index's name until the whole build has succeeded: the index is
+built under a temporary name beside it (starting from a copy of the existing index when there
+is one) and renamed over it at the end, so a failure or a kill at any point leaves no new file
+and the previous index exactly as it was. The store's chunks are checked against their checksums
+as they are read. An index gains adapters freely; ``tca index`` replaces an (adapter, layer) it
+already holds only with ``overwrite``, and never writes over a file that is not a tca index.
+
+Activations are inserted sorted by (feature, value desc), so one feature's rows are contiguous
+and DuckDB's per-row-group min/max skip everything else when a query asks for one feature.
 
 With a Dask cluster (``--workers``/``--scheduler``) the encoding runs on its workers, which
 write Parquet parts that this process then loads in the same order (``tca.query.parts``).
@@ -16,6 +20,7 @@ write Parquet parts that this process then loads in the same order (``tca.query.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +36,12 @@ from tqdm import tqdm
 from tca import TcaError
 from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.layers import select_layers
-from tca.cache.store import Store
+from tca.cache.store import Store, decode
+from tca.outputs import atomic_file, check_not_input
 from tca.query import schema
 from tca.query.lens import LogitLens
-from tca.query.parts import Parts, encode_run, write_parts
+from tca.query.parts import Parts, nonzeros, write_parts
+from tca.query.sql import connect
 from tca.train.checkpoint import load_adapters as load_adapter_set
 from tca.train.checkpoint import store_models
 
@@ -84,7 +91,8 @@ class IndexConfig:
     adapters: list[str]
     """Adapter set directories; ``NAME=DIR`` names one, else it is named after its directory."""
     out: Path
-    """The DuckDB file, created or updated in place (other adapters and layers stay)."""
+    """The DuckDB index to create, or an index to add these adapters to (its other adapters and
+    layers stay); the file appears or changes only once the build is complete."""
     layers: str = "all"
     """``all`` (every layer the adapters cover) or a list like ``0,3,5-7``."""
     min_act: float = 0.0
@@ -102,6 +110,8 @@ class IndexConfig:
     a directory beside ``out``. Removed once loaded."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options of the store and the parts (credentials, endpoint)."""
+    overwrite: bool = False
+    """Replace adapter layers ``out`` already holds (same name and layer); without it they are refused."""
 
 
 @dataclass
@@ -118,14 +128,23 @@ class IndexSummary:
 
 
 def build_index(cfg: IndexConfig) -> IndexSummary:
-    """Load the store and adapters named by ``cfg`` and index them."""
+    """Load the store and adapters named by ``cfg`` and index them; every refusal comes before
+    anything is written."""
+    specs = [_adapter_spec(spec) for spec in cfg.adapters]
+    check_not_input(cfg.out, [cfg.cache, *(path for _, path in specs)])
+    held = _held_adapters(cfg.out)
     store = Store.open(cfg.cache, storage_options=cfg.storage_options)
     adapters: list[IndexAdapter] = []
-    for spec in cfg.adapters:
-        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-        adapters += load_adapters(path, name or None)
+    for name, path in specs:
+        adapters += load_adapters(path, name)
     layers = select_layers(cfg.layers, {a.layer for a in adapters}, "the adapters cover")
     adapters = [a for a in adapters if a.layer in layers]
+    _check(store, adapters)
+    clash = sorted(held & {(a.name, a.layer) for a in adapters})
+    if clash and not cfg.overwrite:
+        name, layer = clash[0]
+        raise TcaError(f"--out {cfg.out} already holds adapter {name} layer {layer}; pass --overwrite to replace it "
+                       "or name this set apart with NAME=DIR.")
     lens_dir = cfg.target or _recorded_target(store, adapters)
     lens = LogitLens.from_pretrained(lens_dir) if lens_dir else None
     if lens is None:
@@ -149,13 +168,19 @@ def index_adapters(
     client=None,
     parts: str | None = None,
 ) -> IndexSummary:
-    """Write (or replace) every given adapter's layer in the index at ``out``.
+    """Write every given adapter's layer into the index at ``out``: a new index, or an existing one
+    whose other adapters and layers stay and whose layers of these adapters are replaced.
+
+    The build runs on a temporary file beside ``out`` (a copy of the existing index, if any) that
+    replaces ``out`` only once complete; ``out`` must be absent or a tca index.
 
     With a Dask ``client``, workers encode the rows into Parquet parts under ``parts`` first
     (``tca.query.parts``; default: a directory beside ``out``), and this process loads them;
     the index is the same either way.
     """
+    out = Path(out)
     _check(store, adapters)
+    _held_adapters(out)  # refuses an out that is not a tca index before anything is written
     rows = store.committed_row_indices()
     if not len(rows):
         raise TcaError(f"{store.url} has no committed rows yet; index it after (part of) the harvest is done.")
@@ -167,54 +192,106 @@ def index_adapters(
     of_layer = {layer: [a for a in adapters if a.layer == layer] for layer in layers}
     runs = list(_runs(rows, batch_rows))
     summary = IndexSummary(str(out), len(rows))
-    con = duckdb.connect(str(out))
-    con.execute("SET enable_progress_bar = false")  # stdout is for results; tqdm reports on stderr
     written: Parts | None = None
-    try:
-        in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
-        start = time.perf_counter()
-        if client is not None:
-            encoders = {layer: [a.encode for a in mine] for layer, mine in of_layer.items()}
-            parts = parts or str(Path(out).resolve().with_name(Path(out).name + ".parts"))
-            written = write_parts(client, store, encoders, runs, min_act, parts)
-            summary.workers = len(client.scheduler_info().get("workers", {}))
+    with atomic_file(out) as building:
+        if out.exists():
+            _copy_index(out, building)
+        con = duckdb.connect(str(building))
+        con.execute("SET enable_progress_bar = false")  # stdout is for results; tqdm reports on stderr
+        try:
+            in_transaction(con, lambda: _write_tables(con, store, rows, row_tokens))
+            start = time.perf_counter()
+            if client is not None:
+                encoders = {layer: [a.encode for a in mine] for layer, mine in of_layer.items()}
+                parts = parts or str(out.resolve().with_name(out.name + ".parts"))
+                written = write_parts(client, store, encoders, runs, min_act, parts)
+                summary.workers = len(client.scheduler_info().get("workers", {}))
 
-        def tables(layer: int) -> Iterator[tuple[int, list[pa.Table]]]:
-            """(rows, one activation table per adapter of ``layer``) per run, in row order."""
-            if written is not None:
-                yield from written.read(layer)
-                return
-            encoders = [a.encode for a in of_layer[layer]]
-            for lo, hi in runs:
-                yield hi - lo, encode_run(store, layer, encoders, lo, hi, min_act)
+            def tables(layer: int) -> Iterator[tuple[int, list[pa.Table]]]:
+                """(rows, one activation table per adapter of ``layer``) per run, in row order."""
+                if written is not None:
+                    yield from written.read(layer)
+                    return
+                encoders = [a.encode for a in of_layer[layer]]
+                # The shard reader checks each chunk's checksum and names a corrupted one in a sentence.
+                reader, encoding = store.shard_reader(layer, "x"), store.array(layer, "x").attrs["tca_encoding"]
+                for lo, hi in runs:
+                    x = decode(reader.read(lo, hi), encoding, torch.float32)
+                    yield hi - lo, [nonzeros(encode, x, row_tokens[lo:hi], min_act) for encode in encoders]
 
-        with tqdm(total=len(rows) * len(layers), unit="row", unit_scale=True, desc="index", dynamic_ncols=True) as bar:
-            for layer, mine in of_layer.items():
-                stages = [f"stage_{i}" for i in range(len(mine))]
-                for stage in stages:
-                    con.execute(f"CREATE OR REPLACE TEMP TABLE {stage} (feature INTEGER, token BIGINT, value FLOAT)")
-                try:
-                    for n, batch in tables(layer):
-                        for stage, table in zip(stages, batch):
-                            _append(con, stage, table)
-                        bar.update(n)
-                    for adapter, stage in zip(mine, stages):
-                        stats_extra = _decoder_table(adapter, lens, n_logits)
-                        in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
-                        summary.written[f"{adapter.name}/{layer}"] = con.sql(
-                            "SELECT count(*) FROM activations WHERE adapter = ? AND layer = ?", params=[adapter.name, layer]
-                        ).fetchall()[0][0]
-                finally:
+            with tqdm(total=len(rows) * len(layers), unit="row", unit_scale=True, desc="index", dynamic_ncols=True) as bar:
+                for layer, mine in of_layer.items():
+                    stages = [f"stage_{i}" for i in range(len(mine))]
                     for stage in stages:
-                        con.execute(f"DROP TABLE IF EXISTS {stage}")
-        summary.seconds = time.perf_counter() - start
-        summary.rows_per_s = len(rows) * len(layers) / max(summary.seconds, 1e-9)
-        con.execute("CHECKPOINT")
+                        con.execute(f"CREATE OR REPLACE TEMP TABLE {stage} (feature INTEGER, token BIGINT, value FLOAT)")
+                    try:
+                        for n, batch in tables(layer):
+                            for stage, table in zip(stages, batch):
+                                _append(con, stage, table)
+                            bar.update(n)
+                        for adapter, stage in zip(mine, stages):
+                            stats_extra = _decoder_table(adapter, lens, n_logits)
+                            in_transaction(con, lambda: _replace(con, adapter, stage, stats_extra, len(rows), min_act, store.url))
+                            summary.written[f"{adapter.name}/{layer}"] = con.sql(
+                                "SELECT count(*) FROM activations WHERE adapter = ? AND layer = ?", params=[adapter.name, layer]
+                            ).fetchall()[0][0]
+                    finally:
+                        for stage in stages:
+                            con.execute(f"DROP TABLE IF EXISTS {stage}")
+            summary.seconds = time.perf_counter() - start
+            summary.rows_per_s = len(rows) * len(layers) / max(summary.seconds, 1e-9)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+            _wal(building).unlink(missing_ok=True)
+            if written is not None:
+                written.remove()
+    return summary
+
+
+def _adapter_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=DIR`` or ``DIR`` as (name or None, directory)."""
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    return name or None, path
+
+
+def _wal(path: Path) -> Path:
+    """DuckDB's write-ahead log of the database at ``path``."""
+    return path.with_name(path.name + ".wal")
+
+
+def _held_adapters(out: str | Path) -> set[tuple[str, int]]:
+    """The (adapter, layer) pairs the index at ``out`` holds: none when nothing is there; a
+    sentence when ``out`` is something other than a tca index (which no build may replace)."""
+    out = Path(out)
+    if not out.exists():
+        return set()
+    if out.is_dir():
+        raise TcaError(f"--out {out} is a folder; name the index file to create or update.")
+    try:
+        con = connect(out)
+    except TcaError as exc:
+        raise TcaError(f"--out {out} exists but is not a tca index that can be updated ({str(exc).rstrip('.')}); "
+                       "choose another path.") from None
+    try:
+        # Under our read lock no writer is open, so a log here is a killed writer's: the rename of
+        # the rebuilt index would leave it beside a file it does not belong to.
+        if _wal(out).exists():
+            raise TcaError(f"--out {out} has a write-ahead log left by an interrupted writer; open it once with "
+                           f"`duckdb {out}` to fold the log in, then index again.")
+        return {(name, layer) for name, layer in con.sql("SELECT adapter, layer FROM adapters").fetchall()}
     finally:
         con.close()
-        if written is not None:
-            written.remove()
-    return summary
+
+
+def _copy_index(index: Path, to: Path) -> None:
+    """Copy an index while a read-only connection holds DuckDB's lock on it, so no writer can
+    change it halfway through the copy."""
+    con = connect(index)
+    try:
+        shutil.copyfile(index, to)
+    finally:
+        con.close()
 
 
 def _check(store: Store, adapters: Sequence[IndexAdapter]) -> None:
