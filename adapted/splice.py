@@ -14,12 +14,16 @@ observers (attribution, the L1 term) act on the adapter's activations through
 which works under ``generate`` because the model's input ids are recorded by a pre-hook.
 
 Only the base model's MLP tensors are read (safetensors loads single tensors), never the
-whole base model.
+whole base model: the target loads straight onto the device in the run's dtype, and each
+layer's base MLP is read onto the device and copied over the target's in place, one layer at
+a time. ``load_adapted`` plans the memory of all that before anything loads
+(``tca.cache.memory``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +32,20 @@ from typing import Callable, Iterable
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from tca import TcaError
 from tca.cache.layers import select_layers
-from tca.cache.models import check_pair, find_model, load_tokenizer, resolve_device
+from tca.cache.memory import Workload, check_memory, memory_plan
+from tca.cache.models import (
+    check_pair,
+    find_model,
+    load_pretrained,
+    load_tokenizer,
+    read_mlp,
+    resolve_device,
+    resolve_dtype,
+    tensor_files,
+)
 from tca.train.adapter import Adapter, decode
 from tca.train.checkpoint import AdapterSet, load_adapters
 
@@ -115,14 +128,17 @@ def adapted_model(
     adapters: AdapterSet | dict[int, Adapter] | None,
     dtype: torch.dtype = torch.float32,
     keep_target: bool = False,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """The target model with every MLP replaced by the base's MLP plus that layer's adapter.
+    """The target model with every MLP replaced by the base's MLP plus that layer's adapter, on
+    ``device`` in ``dtype`` (the adapters too).
 
     ``keep_target`` keeps the target's own MLPs beside them (for ``set_mode(model, "target")``).
     """
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
+    device = torch.device(device)
+    model = load_pretrained(Path(target_dir), dtype, device).eval()
     layers = model.model.layers
-    base = read_hf_tensors(base_dir, lambda name: ".mlp." in name)
+    base_files = tensor_files(Path(base_dir))
     adapters = adapters.adapters if isinstance(adapters, AdapterSet) else (adapters or {})
     bad = [layer for layer in adapters if not 0 <= layer < len(layers)]
     if bad:
@@ -142,22 +158,15 @@ def adapted_model(
 
     model.register_forward_pre_hook(record_ids, with_kwargs=True)
     for i, layer in enumerate(layers):
-        prefix = MLP_KEY.format(i)
-        mlp_state = {k[len(prefix):]: v for k, v in base.items() if k.startswith(prefix)}
-        if not mlp_state:
-            raise TcaError(f"{base_dir} has no MLP weights for layer {i}; is it the base of {target_dir}?")
         target_mlp = copy.deepcopy(layer.mlp) if keep_target else None
-        layer.mlp.load_state_dict(mlp_state)
+        # read as stored and cast by the copy into the target's parameters, one layer at a time
+        layer.mlp.load_state_dict(read_mlp(base_files, i, device))
         adapter = adapters.get(i)
         if adapter is not None:
-            adapter = adapter.to(dtype).eval()
+            adapter = adapter.to(device=device, dtype=dtype).eval()
         layer.mlp = AdaptedMLP(layer.mlp, adapter, target_mlp)
         layer.mlp.input_ids = lambda: recorded["ids"]
     return model
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""Precisions the spliced model runs in."""
 
 
 def load_adapted(
@@ -166,18 +175,24 @@ def load_adapted(
     target: str,
     *,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     keep_target: bool = False,
     layers: str = "all",
+    work: Workload | None = None,
 ):
     """The adapted model of a base/target pair (local directories or Hub ids) on ``device``, with
     the adapters of ``layers`` (a layer spec such as ``0,3,5-7``). Read the data before calling this: a bad
-    dataset should fail before gigabytes of weights load."""
-    if dtype not in DTYPES:
-        raise TcaError(f"unknown --dtype {dtype!r}; use one of {list(DTYPES)}.")
+    dataset should fail before gigabytes of weights load.
+
+    ``dtype`` is resolved by ``resolve_dtype`` (``auto``: the checkpoint's dtype on CUDA, float32
+    on CPU; ``model.dtype`` says what was chosen). Before the models load, the memory plan of
+    ``work`` (the calling command's batch sizes; its layers, features and ``keep_target`` are
+    filled in here) is logged and checked against the device; without ``work`` the plan counts
+    the weights alone."""
     dev = resolve_device(device)
     base_src, target_src = find_model(base), find_model(target)
     check_pair(base_src, target_src)
+    run_dtype = resolve_dtype(dtype, dev, target_src.config)
     aset = adapters if isinstance(adapters, AdapterSet) else load_adapters(adapters)
     chosen = select_layers(layers, aset.layers, f"{adapters} has adapters for")
     # checked before any weights load, so bad input costs nothing
@@ -187,9 +202,11 @@ def load_adapted(
     beyond = [layer for layer in chosen if layer >= target_src.n_layers]
     if beyond:
         raise TcaError(f"{adapters} holds layer {beyond[0]}, but {target} has {target_src.n_layers} layers.")
-    model = adapted_model(target_src.path, base_src.path, {i: aset.adapters[i] for i in chosen},
-                          dtype=DTYPES[dtype], keep_target=keep_target)
-    return model.to(dev)
+    work = dataclasses.replace(work or Workload(command="adapted model"), layers=tuple(chosen),
+                               n_features=aset.config.n_features, keep_target=keep_target)
+    check_memory(memory_plan(work, target_src.config, base_src.config, run_dtype, dev))
+    return adapted_model(target_src.path, base_src.path, {i: aset.adapters[i] for i in chosen},
+                         dtype=run_dtype, keep_target=keep_target, device=dev)
 
 
 def target_tokenizer(target: str):

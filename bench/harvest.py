@@ -54,7 +54,8 @@ def compute_only(cfg: HarvestConfig) -> float:
     layers = select_layers(cfg.layers, range(target_src.n_layers))
     tokenizer = load_tokenizer(target_src)
     plan = build_plan(cfg.plan, tokenizer)
-    model = load_model(target_src, resolve_dtype(cfg.dtype, target_src), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = load_model(target_src, resolve_dtype(cfg.dtype, cpu, target_src.config, checkpoint_on_cpu=True), cpu)
     mlps = PairedMlps(load_base_mlps(base_src, layers), live_mlps(model, layers, target_src.config["hidden_act"]))
     batches = [batch_inputs(plan, b, 0) for b in plan_batches(plan, cfg.batch_tokens) if b.row1 > b.row0]
     t0 = time.perf_counter()

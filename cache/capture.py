@@ -3,7 +3,9 @@
 Forward pre-hooks on the selected layers' MLPs capture their input ``x`` (the output of the
 post-attention norm); the hook of the last selected layer ends the forward by raising, so
 no later layer, final norm or unembedding runs. Both MLPs are then applied to the captured
-``x`` in float32, so the model's own rounding of its MLP output never leaks into ``delta``.
+``x`` in float32, so the model's own rounding of its MLP output never leaks into ``delta``;
+their weights stay in their stored dtype and are upcast one matrix at a time
+(``tca.cache.models.mlp_forward``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ class _StopForward(Exception):
 
 @dataclass
 class PairedMlps:
-    """The selected layers' base and target MLPs, both float32, on the harvest device."""
+    """The selected layers' base MLPs (as stored) and the target's (the loaded model's own
+    tensors), on the harvest device."""
 
     base: dict[int, MlpWeights]
     target: dict[int, MlpWeights]

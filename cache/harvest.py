@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tca import TcaError
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.layers import select_layers
+from tca.cache.memory import Workload, check_memory, checkpoint_dtype, memory_plan
 from tca.cache.models import (
     check_mlp_shapes,
     check_pair,
@@ -172,9 +173,9 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     layers = select_layers(cfg.layers, range(target_src.n_layers))
     if cfg.batch_tokens < 1:
         raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
-    dtype = resolve_dtype(cfg.dtype, target_src)
     ranks = Ranks.from_env()
     device = ranks.device(resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device, target_src.config, checkpoint_on_cpu=True)
     with process_group(ranks, device):
         # Refuse a wrong --out before loading any model.
         existing = rank0_first(ranks, lambda: _open_out(cfg))
@@ -189,6 +190,9 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
             "dataset_fingerprint": plan.fingerprint,
             "n_tokens": plan.n_tokens,
             "n_docs": plan.n_docs,
+            # what the values were computed in: the model's forward and both MLPs
+            "precision": {"model": identity["dtype"], "mlps": "float32",
+                          "base_mlp_weights": checkpoint_dtype(base_src.config)},
         }
         spec = StoreSpec(
             layers=layers, d_model=target_src.d_model, dtype=identity["dtype"], n_rows=len(plan.row_tokens),
@@ -197,12 +201,10 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         )
         # A --resume of another configuration fails here, before any weights load.
         rank0_first(ranks, lambda: _check_existing(existing, spec))
+        check_memory(memory_plan(_workload(cfg, plan, spec), target_src.config, base_src.config, dtype, device))
         model = load_model(target_src, dtype, device)
         act = target_src.config.get("hidden_act", "silu")
-        mlps = PairedMlps(
-            base={k: w.to(device) for k, w in load_base_mlps(base_src, layers).items()},
-            target={k: w.to(device) for k, w in live_mlps(model, layers, act).items()},
-        )
+        mlps = PairedMlps(base=load_base_mlps(base_src, layers, device), target=live_mlps(model, layers, act))
         check_mlp_shapes(mlps.base, mlps.target)
         store = rank0_first(ranks, lambda: _prepare_store(cfg, existing, spec, plan))
         if store is None:
@@ -240,6 +242,21 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     seconds = time.perf_counter() - t0
     return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int((~skip).sum()), seconds,
                          ranks.rank, ranks.world_size)
+
+
+def _workload(cfg: HarvestConfig, plan: Plan, spec: StoreSpec) -> Workload:
+    """The sizes the memory plan needs, from the data plan: the largest batch (padded tokens,
+    longest document, rows) and the writer's blocks."""
+    batches = plan_batches(plan, cfg.batch_tokens)
+    docs = [np.diff(plan.doc_start[b.doc0 : b.doc1 + 1]) for b in batches]
+    block_rows = spec.shard_layout[0]
+    return Workload(
+        command="harvest", layers=tuple(spec.layers),
+        tokens=max(len(n) * int(n.max(initial=0)) for n in docs), seq_len=max(int(n.max(initial=0)) for n in docs),
+        rows=max(b.row1 - b.row0 for b in batches), arrays=len(spec.array_names), block_rows=block_rows,
+        # queued, one being written per writer thread, one being filled
+        blocks_in_flight=min(cfg.queue_blocks + cfg.writers + 1, spec.n_blocks),
+    )
 
 
 def _needed(batch: Batch, store: Store, done: np.ndarray) -> bool:

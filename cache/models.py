@@ -1,8 +1,12 @@
 """Finding a base/target pair, checking that their MLPs pair up, and loading what tca needs.
 
-tca runs only the target model. Of the base model it reads the MLP weights of the selected
-layers, one tensor at a time from its safetensors files, so a 7B base costs a few hundred MB
-of memory rather than 15 GB. Both MLPs are then applied in float32 to the same input.
+tca runs only the target model, loaded straight onto its device in the dtype it runs in. Of
+the base model it reads the MLP weights of the selected layers, one tensor at a time from its
+safetensors files, in the dtype they are stored in: for a 7B base (28 layers, d 3584,
+intermediate 18944, bf16) that is 28 x 408 MB = 11.4 GB on the device for all layers rather
+than the whole 15 GB model. Both MLPs are applied in float32 to the same input, each weight
+matrix upcast only while its product runs, so no float32 copy of any MLP persists
+(``tca.cache.memory`` plans it all before anything loads).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from tca import TcaError
+from tca.cache.memory import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ def check_pair(base: ModelSource, target: ModelSource) -> None:
 
 @dataclass
 class MlpWeights:
-    """One layer's gated MLP in float32: ``down(act(gate(x)) * up(x))``."""
+    """One layer's gated MLP, ``down(act(gate(x)) * up(x))``, its tensors in their stored dtype."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -121,66 +126,75 @@ class MlpWeights:
 
 
 def mlp_forward(w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
-    """The MLP applied to ``x`` in float32, whatever dtype ``x`` has."""
+    """The MLP applied to ``x`` in float32, whatever dtype ``x`` and the weights have.
+
+    Each weight is upcast only for its own product and freed after it, so at most one float32
+    matrix of one MLP exists at a time. Upcasting is exact, so the result is bit for bit that of
+    float32 copies of the weights (tested).
+    """
     x = x.float()
-    bg, bu, bd = w.biases
-    hidden = _ACTIVATIONS[w.act](F.linear(x, w.gate, bg)) * F.linear(x, w.up, bu)
-    return F.linear(hidden, w.down, bd)
+    bg, bu, bd = (None if b is None else b.float() for b in w.biases)
+    hidden = _ACTIVATIONS[w.act](F.linear(x, w.gate.float(), bg)) * F.linear(x, w.up.float(), bu)
+    return F.linear(hidden, w.down.float(), bd)
 
 
-def _tensor_files(source: ModelSource) -> dict[str, Path]:
-    """Which safetensors file holds each tensor (from the shard index when there is one)."""
-    index = source.path / "model.safetensors.index.json"
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Which safetensors file of a checkpoint holds each tensor (from the shard index when there is one)."""
+    index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: source.path / name for key, name in weight_map.items()}
-    single = source.path / "model.safetensors"
+        return {key: model_dir / name for key, name in weight_map.items()}
+    single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise TcaError(f"model {source.ref} has no safetensors weights (model.safetensors or an index).")
+        raise TcaError(f"{model_dir} has no safetensors weights (model.safetensors or an index).")
     with safe_open(single, framework="pt") as f:
         return {key: single for key in f.keys()}
 
 
-def load_base_mlps(source: ModelSource, layers: list[int]) -> dict[int, MlpWeights]:
-    """The base model's MLPs of ``layers`` in float32, reading only their tensors."""
-    files = _tensor_files(source)
-    act = source.config.get("hidden_act", "silu")
-    wanted: dict[str, tuple[int, str, str]] = {}
-    for layer in layers:
-        for part in MLP_PARTS:
-            for kind in ("weight", "bias"):
-                key = f"{LAYER_PREFIX.format(layer=layer)}{part}.{kind}"
-                if key in files:
-                    wanted[key] = (layer, part, kind)
-            if f"{LAYER_PREFIX.format(layer=layer)}{part}.weight" not in files:
-                raise TcaError(f"model {source.ref} has no tensor {LAYER_PREFIX.format(layer=layer)}{part}.weight; its MLP layout is not one tca knows.")
-    found: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
-    by_file: dict[Path, list[str]] = {}
-    for key in wanted:
-        by_file.setdefault(files[key], []).append(key)
-    for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as f:
+def read_mlp(files: dict[str, Path], layer: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One layer's MLP tensors (``gate_proj.weight``, ..., biases when present) in their stored
+    dtype, read one by one straight onto ``device``; ``files`` comes from ``tensor_files``."""
+    prefix = LAYER_PREFIX.format(layer=layer)
+    for part in MLP_PARTS:
+        if f"{prefix}{part}.weight" not in files:
+            raise TcaError(f"{next(iter(files.values())).parent} has no tensor {prefix}{part}.weight; "
+                           "its MLP layout is not one tca knows.")
+    keys = [f"{prefix}{part}.{kind}" for part in MLP_PARTS for kind in ("weight", "bias") if f"{prefix}{part}.{kind}" in files]
+    out: dict[str, torch.Tensor] = {}
+    for path in dict.fromkeys(files[key] for key in keys):
+        with safe_open(path, framework="pt", device=_safetensors_device(device)) as f:
             for key in keys:
-                layer, part, kind = wanted[key]
-                found[layer][f"{part}.{kind}"] = f.get_tensor(key).float()
-    log.info("read %d base MLP tensors for layers %s", len(wanted), layers)
-    return {
-        layer: MlpWeights(
-            gate=t["gate_proj.weight"], up=t["up_proj.weight"], down=t["down_proj.weight"], act=act,
-            biases=tuple(t.get(f"{part}.bias") for part in MLP_PARTS),
-        )
-        for layer, t in found.items()
-    }
+                if files[key] == path:
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    return out
+
+
+def _safetensors_device(device: torch.device | str) -> str:
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+
+
+def load_base_mlps(source: ModelSource, layers: list[int], device: torch.device | str = "cpu") -> dict[int, MlpWeights]:
+    """The base model's MLPs of ``layers`` on ``device`` in their stored dtype, reading only their tensors."""
+    files = tensor_files(source.path)
+    act = source.config.get("hidden_act", "silu")
+    out = {}
+    for layer in layers:
+        t = read_mlp(files, layer, device)
+        out[layer] = MlpWeights(gate=t["gate_proj.weight"], up=t["up_proj.weight"], down=t["down_proj.weight"], act=act,
+                                biases=tuple(t.get(f"{part}.bias") for part in MLP_PARTS))
+    log.info("read the base MLPs of layers %s (%s)", layers, next(iter(out.values())).gate.dtype if out else "none")
+    return out
 
 
 def live_mlps(model: torch.nn.Module, layers: list[int], act: str) -> dict[int, MlpWeights]:
-    """float32 copies of a loaded model's MLPs of ``layers``."""
+    """A loaded model's MLPs of ``layers``: its own tensors, not copies."""
     out = {}
     for layer in layers:
         mlp = decoder_layers(model)[layer].mlp
         parts = [getattr(mlp, part) for part in MLP_PARTS]
-        copy = lambda t: None if t is None else t.detach().float().clone()  # noqa: E731
-        out[layer] = MlpWeights(*(copy(p.weight) for p in parts), act=act, biases=tuple(copy(p.bias) for p in parts))
+        own = lambda t: None if t is None else t.detach()  # noqa: E731
+        out[layer] = MlpWeights(*(own(p.weight) for p in parts), act=act, biases=tuple(own(p.bias) for p in parts))
     return out
 
 
@@ -203,13 +217,19 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def resolve_dtype(name: str, source: ModelSource) -> torch.dtype:
-    """``auto`` means the dtype the target's config declares (float32 when it declares none)."""
+def resolve_dtype(requested: str, device: torch.device, model_config: dict, *,
+                  checkpoint_on_cpu: bool = False) -> torch.dtype:
+    """The precision a command runs a model in: ``requested``, or for ``auto`` the dtype the
+    model's config.json declares (float32 when it declares none) on CUDA and float32 on CPU,
+    where half-precision matrix products are slow and round every product.
+    ``checkpoint_on_cpu`` takes the checkpoint's dtype on CPU too: the harvest's store keeps the
+    activations of the model as it is, on any device."""
     from tca.cache.store import torch_dtype
 
-    if name == "auto":
-        name = str(source.config.get("dtype") or source.config.get("torch_dtype") or "float32")
-    return torch_dtype(name.removeprefix("torch."))
+    if requested == "auto":
+        on_cpu = torch.device(device).type == "cpu"
+        requested = "float32" if on_cpu and not checkpoint_on_cpu else checkpoint_dtype(model_config)
+    return torch_dtype(requested)
 
 
 def load_tokenizer(source: ModelSource):
@@ -230,7 +250,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The causal LM in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM in eval mode, loaded in ``dtype`` straight onto ``device``."""
+    return load_pretrained(source.path, dtype, device).eval()
 
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+
+def load_pretrained(model_dir: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    """``from_pretrained`` with every tensor read straight onto ``device`` in ``dtype``: no full
+    copy of the model is built in host memory first. On CPU that is what ``from_pretrained``
+    does by itself; elsewhere it takes a device map, which transformers serves only with the
+    accelerate package installed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if not is_accelerate_available():
+        raise TcaError(f"loading {model_dir} straight onto {device} needs the accelerate package; "
+                       "install it with pip install accelerate.")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": _safetensors_device(device)})
