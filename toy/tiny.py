@@ -1,4 +1,5 @@
-"""Tiny random base/target pairs in the Hugging Face layout, built in a second for tests.
+"""Tiny reasoning traces, the toy tokenizer trained on them, and tiny random base/target pairs
+(``tca.toy.pairs.build_random_pair`` at test sizes), built in a second for tests.
 
 The target is the base with every weight nudged and the MLPs changed more, so ``delta`` is
 far from zero while the backbones stay close, as after a real fine-tune.
@@ -10,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tca.cache.template import THINK_CLOSE, THINK_OPEN, render_deepseek
+from tca.toy.pairs import PairShape, build_random_pair
 from tca.toy.tokenizer import train_tokenizer
 
 
@@ -45,6 +46,15 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
+def tiny_tokenizer(seed: int = 0, vocab_size: int = 400):
+    """The toy tokenizer: a byte-level BPE (the demo pair's pipeline) trained on tiny traces."""
+    corpus = [
+        render_deepseek(r["conversations"][0]["value"], r["conversations"][1]["value"])
+        for r in tiny_conversations(300, seed)
+    ]
+    return train_tokenizer(corpus, vocab_size)
+
+
 def build_tiny_pair(
     out: Path,
     *,
@@ -56,39 +66,7 @@ def build_tiny_pair(
     target_mlp_scale: float = 0.3,
     target_other_scale: float = 0.02,
 ) -> tuple[Path, Path]:
-    """Write ``out/base`` and ``out/target`` and return their paths."""
-    corpus = [
-        render_deepseek(r["conversations"][0]["value"], r["conversations"][1]["value"])
-        for r in tiny_conversations(300, seed)
-    ]
-    tokenizer = train_tokenizer(corpus, vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    base = Qwen2ForCausalLM(config).eval()
-    target = Qwen2ForCausalLM(config).eval()
-    target.load_state_dict(base.state_dict())
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in target.named_parameters():
-            scale = target_mlp_scale if ".mlp." in name else target_other_scale
-            noise = torch.randn(param.shape, generator=g) * param.std().clamp_min(1e-3)
-            param.add_(scale * noise)
-    paths = []
-    for name, model in (("base", base), ("target", target)):
-        path = Path(out) / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths[0], paths[1]
+    """Write ``out/base`` and ``out/target`` (float32, 4 heads, 2 kv heads) and return their paths."""
+    shape = PairShape(hidden=hidden_size, intermediate=intermediate_size, layers=num_layers)
+    return build_random_pair(out, shape, tiny_tokenizer(seed, vocab_size), seed=seed,
+                             mlp_noise=target_mlp_scale, other_noise=target_other_scale)
