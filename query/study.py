@@ -2,45 +2,64 @@
 
 A reasoning model re-checks its work ("Wait, let me check…"); the base model does not. If
 the adapters explain the fine-tune, a few of their features should carry that behaviour.
-The study finds them and tests them both ways, on held-out prompts:
+The study finds them on one set of held-out prompts and judges them on another:
 
+0. **Two parts.** The held-out conversations split into a *selection* part and a *verdict* part
+   (``split_documents``): by default each conversation's part is fixed by a hash of its question,
+   half and half, so the split depends on the data alone (not on the seed or the file's order) and
+   a question never sits on both sides; or ``verdict_data`` is the verdict part. Everything that
+   *chooses* runs on the selection part (steps 1, 2 and the clamp scale of 4); every figure a
+   verdict uses comes from the verdict part (steps 3 and 5).
 1. **Candidates by attribution.** Gradient × activation of each hesitation word's logit with
    respect to every adapter feature, at the positions where the target predicts the word
    (``tca.adapted.attribute``), summed over the words. The ranking is written into the index
-   (table ``attributions``) and joined there with each feature's statistics, so the report can
-   say what the features fire on and how strongly.
-2. **Necessary.** Ablate the top 1, 2, 4, … candidates in the adapted model until hesitations
-   per response fall by at least ``cut`` (80%) while accuracy stays within ``accuracy_tolerance``
-   (5 points) of the unablated adapted model. The smallest such set is *the hesitation
-   features*. The same number of random live features ablated is the control: it shows the
-   drop is the features' doing, not any ablation's.
-3. **Sufficient.** Clamp the hesitation features on in the hybrid (target backbone, base MLPs,
-   no other adapter feature) at a multiple of each feature's mean active value from the index,
-   at every position, and count the hesitations that appear where the hybrid has none.
-4. **How few.** The hesitation features as a fraction of all the adapters' features.
+   (table ``attributions``) and joined there with each feature's statistics; candidates are the
+   features that also fire just before a hesitation word.
+2. **The search.** Ablate candidates in the adapted model best first, each joining the set if
+   accuracy stays within ``accuracy_tolerance`` of the unablated model and hesitations do not
+   rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
+   Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
+   multiple of their mean active value in ``clamp_scales``; the scale with the most hesitations
+   is the one the verdict uses.
+3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
+   (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
+   banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
+   and ``controls`` random feature sets, each feature replaced by a live feature of its layer with
+   a matched activation frequency, ablated in the adapted model.
+4. **Necessary** when the cut's lower bound reaches ``cut``, the accuracy change's lower bound
+   stays above −``accuracy_tolerance``, and the cut's lower bound exceeds the controls'
+   ``control_quantile``. **Sufficient** when the lower bound of the hesitations per response the
+   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
+5. **How few.** The hesitation features as a fraction of all the adapters' features.
 
-Everything is written to the output folder: ``study.json`` (every figure), ``study.md`` (the
-report) and ``necessity.png`` / ``sufficiency.png``.
+Everything is written to the output folder: ``study.json`` (every figure, and each verdict
+condition prompt by prompt), ``study.md`` (the report) and ``necessity.png`` / ``sufficiency.png``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from tca import TcaError
 from tca.adapted.attribute import adapter_name, attribute
-from tca.adapted.batches import token_batches
-from tca.adapted.evaluate import behaviour, prompt_records
+from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import mode as computing_as
-from tca.adapted.generation import Figures, generate, questions_of, score
-from tca.adapted.intervene import predicted_positions, single_token_ids, token_probability
+from tca.adapted.evaluate import prompt_records
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
+from tca.adapted.intervene import forward_logits, predicted_positions, single_token_ids
 from tca.adapted.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
+from tca.cache.data import read_records, turns_of
+from tca.query import stats
 from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
+from tca.query.stats import Estimate, Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +76,31 @@ class StudyConfig:
     """Target model: local directory or Hugging Face id."""
     data: str
     """Held-out conversations (JSONL or Parquet) with reference responses: attribution runs on the
-    rendered traces, generation on their prompts, accuracy against their answers."""
+    rendered traces, generation on their prompts, accuracy against their answers. Split half and
+    half by a hash of each question into a selection part and a verdict part, unless
+    ``verdict_data`` is given."""
     index: str
     """The DuckDB index of these adapters (``tca index``); the attributions are written into it."""
     out: str
     """Folder for study.json, study.md and the plots."""
-    words: list[str] = field(default_factory=lambda: ["Wait"])
-    """Hesitation words, each one token of the target's tokenizer."""
+    verdict_data: str | None = None
+    """Conversations to judge on (the verdict part); ``data`` is then all selection. Without it, the
+    verdict part is the half of ``data`` that its questions' hashes assign to it."""
+    words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Hesitation words, each one token of the target's tokenizer: attributed, measured teacher-forced
+    and counted in the responses (default ``Wait``, ``tca.adapted.generation.HESITATION_WORDS``)."""
     contrast: bool = True
     """Attribute each word's logit minus the logit of what the target says instead, so features
     that only mark where a hesitation could go (and where the next step goes too) rank low."""
     attribution_tokens: int = 20_000
-    """Teacher-forced tokens of ``data`` to attribute over."""
+    """Teacher-forced tokens of the selection part to attribute over."""
     prompts: int = 100
-    """Held-out prompts generated from in every condition."""
-    max_new_tokens: int = 256
-    """Longest response generated."""
+    """Prompts per part: every condition generates from this many selection prompts (the search)
+    or verdict prompts (the verdict)."""
+    max_new_tokens: int = 4096
+    """Longest generated response. 4096 is sized for R1 traces, which run to thousands of tokens;
+    a response cut here has no final answer, and the figures' ``truncated`` share says how many
+    were cut: raise it until that share is near 0 (time grows with it). The demo pair needs 200."""
     max_features: int = 64
     """Most candidates tried, best first, before giving up on the necessity criterion."""
     min_before_word: float = 0.05
@@ -80,13 +108,28 @@ class StudyConfig:
     its indexed activations. Features that fire at every step (where the next step's arithmetic
     needs them too) also earn attribution there, but removing them breaks the answer."""
     cut: float = 0.8
-    """Necessary: ablation must cut hesitations per response by at least this fraction..."""
+    """Necessary: ablation must cut hesitations per response by at least this fraction (the search's
+    stopping point on the selection part; on the verdict part, the cut's lower bound)..."""
     accuracy_tolerance: float = 0.05
-    """...while accuracy drops by at most this much (absolute)."""
+    """...while accuracy drops by at most this much (absolute; on the verdict part, the accuracy
+    change's lower bound)."""
+    control_quantile: float = 0.95
+    """Necessary: the cut's lower bound must exceed this quantile of the control sets' cuts."""
+    controls: int = 20
+    """Random control sets, each as large as the hesitation feature set, ablated on the verdict part."""
+    control_frequency_ratio: float = 1.5
+    """Each control feature's activation frequency lies within ×/÷ this of the feature it replaces
+    (widened by powers of it, and recorded, where no live feature of the layer is in range)."""
     clamp_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    """Sufficient: clamp each feature at these multiples of its mean active value."""
+    """Sufficient: clamp each feature at these multiples of its mean active value on the selection
+    part; the scale with the most hesitations is judged on the verdict part."""
+    sufficient_fraction: float = 0.25
+    """Sufficient: the lower bound of the hesitations per response the clamp adds to the hybrid must
+    reach this fraction of the target's."""
+    resamples: int = stats.RESAMPLES
+    """Bootstrap resamples per interval (prompts drawn with replacement, fixed seed)."""
     seq_len: int = 1024
-    """Tokens kept per document for attribution."""
+    """Tokens kept per document."""
     batch: int = 8
     """Documents per attribution pass."""
     gen_batch: int = 64
@@ -96,7 +139,7 @@ class StudyConfig:
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
     seed: int = 0
-    """Seeds the random control set."""
+    """Seeds the random control sets."""
 
 
 @dataclass
@@ -111,6 +154,8 @@ class Feature:
     """Mean active value over the indexed store (the clamp unit)."""
     n_active: int
     """Indexed activations."""
+    frequency: float
+    """Indexed activations per stored token (what the controls are matched on)."""
     top_logits: list[str]
     """Tokens its decoder direction promotes most (logit lens), when the index has them."""
     before_word: float
@@ -119,55 +164,221 @@ class Feature:
 
 @dataclass
 class Trial:
-    """One condition: which features were edited and how the model behaved."""
+    """One condition on one part: which features were edited and how the model behaved."""
 
     name: str
     n_features: int
     features: list[tuple[int, int]]
     figures: Figures
-    """Greedy generation from the held-out prompts."""
-    p_words: float
-    """Teacher-forced: mean probability of the hesitation words at the positions where the
-    target predicts one of them."""
+    """Greedy generation from the part's prompts."""
+    p_words: float | None
+    """Teacher-forced on the part's traces: mean probability of the hesitation words at the
+    positions where the target predicts one of them (None where generation banned the words)."""
     kept: bool = True
     """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
     and hesitations did not rise)."""
 
 
 @dataclass
+class Outcomes:
+    """One condition on the verdict prompts, prompt by prompt, in ``verdict_docs`` order: what the
+    intervals resample."""
+
+    correct: list[float | None]
+    """1 or 0 against the reference answer; None where the reference has no checkable answer."""
+    hesitations: list[float]
+    hesitating: list[float]
+    length: list[float]
+    """Generated tokens."""
+    truncated: list[float]
+    """1 where the response reached ``max_new_tokens`` before ending."""
+    word_mass: list[float] | None
+    """Teacher-forced: the summed probability of the words over the trace's positions where the
+    target predicts one (None where generation banned the words)."""
+    word_positions: list[int] | None
+    """How many such positions the trace has."""
+
+
+@dataclass
+class Doc:
+    """A held-out conversation: where it is, and the key that assigns it to a part."""
+
+    line: int
+    """1-based line (JSONL) or row (Parquet) of its file."""
+    id: str | None
+    """The record's ``id`` field, when it has one."""
+    key: str
+    """SHA-256 of its question (user turn): the same question always lands in the same part."""
+
+
+@dataclass
+class Control:
+    """One random feature set, matched in activation frequency, ablated on the verdict prompts."""
+
+    features: list[tuple[int, int]]
+    factor: list[float]
+    """Per feature, the frequency factor it was drawn within (``control_frequency_ratio`` unless widened)."""
+    trial: Trial
+    cut: float | None
+    """1 − its hesitations ÷ the unablated adapted model's."""
+    accuracy_delta: float | None
+
+
+@dataclass
 class StudyReport:
     adapter: str
     words: list[str]
+    thresholds: Thresholds
+    selection_docs: list[Doc]
+    """The selection part's conversations used (generation prompts and attributed traces)."""
+    verdict_docs: list[Doc]
+    """The verdict prompts, in order."""
     n_positions: int
-    """Positions where the target predicts a hesitation word (attributed)."""
+    """Positions of the selection traces where the target predicts a hesitation word (attributed)."""
     total_features: int
-    baseline: dict[str, Figures]
-    """Unedited target, hybrid and adapted models."""
-    baseline_p_words: dict[str, float]
-    """``Trial.p_words`` of the unedited models."""
-    target_banned: Figures
-    """The target generating with the hesitation words banned: whether the task survives
-    without hesitation at all (if not, no ablation can keep accuracy)."""
     candidates: list[Feature]
+    """The best ``max_features`` of the features that pass the filter."""
+    n_passing: int
+    """Features that pass the filter (none of them may serve as a control)."""
+    selection_adapted: Trial
+    """The unablated adapted model on the selection prompts: the search's reference."""
     necessity: list[Trial]
-    """One ablation in the adapted model per candidate tried, best first: the candidate with the
-    ones kept so far. It is kept when accuracy stays within the tolerance and hesitations do not
-    rise; the search stops as soon as the kept set cuts hesitations enough."""
-    control: Trial | None
-    """As many random live features ablated as the hesitation features."""
-    sufficiency: list[Trial]
-    """The hesitation features clamped in the hybrid, one trial per scale."""
+    """Selection part: one ablation in the adapted model per candidate tried, best first, the
+    candidate with the ones kept so far. It is kept when accuracy stays within the tolerance and
+    hesitations do not rise; the search stops as soon as the kept set cuts hesitations enough."""
+    search_met_cut: bool
+    """Whether the search's set reached ``cut`` on the selection prompts."""
+    clamp_sweep: list[Trial]
+    """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
+    clamp_scale: float
+    """The scale of the sweep with the most hesitations (the first listed on a tie)."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
+    baseline: dict[str, Figures]
+    """Verdict part: unedited target, hybrid and adapted models."""
+    baseline_p_words: dict[str, float]
+    """``Trial.p_words`` of the unedited models, verdict part."""
+    target_banned: Figures
+    """Verdict part: the target generating with the hesitation words banned: whether the task
+    survives without hesitation at all (if not, no ablation can keep accuracy)."""
+    ablated: Trial | None
+    """Verdict part: the hesitation features ablated in the adapted model."""
+    sufficiency: list[Trial]
+    """Verdict part: the hesitation features clamped in the hybrid at ``clamp_scale`` (one trial)."""
+    conditions: dict[str, dict[str, Estimate]]
+    """Verdict part, per condition (target, hybrid, adapted, target_banned, ablated, clamped), per
+    figure (accuracy, hesitations, hesitating, mean_length, truncated, p_words): value and 95% interval."""
+    changes: dict[str, Estimate]
+    """Paired over verdict prompts: ``cut`` (1 − ablated ÷ adapted hesitations per response),
+    ``accuracy_delta`` (ablated − adapted) and ``clamped_hesitations`` (clamped − hybrid
+    hesitations per response)."""
+    controls: list[Control]
+    control_spread: dict[str, dict[str, float | None]]
+    """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``."""
     necessary: bool
+    necessary_rules: dict[str, bool]
+    """Each condition of *necessary*: ``cut``, ``accuracy``, ``controls``."""
     sufficient: bool
-    """Clamping the hesitation features on in the hybrid adds at least a quarter of the target's
-    hesitations per response."""
     hesitation_cut: float | None
-    """1 − hesitations after ablation ÷ before, for the hesitation features."""
+    """``changes["cut"]``'s value."""
     accuracy_change: float | None
+    """``changes["accuracy_delta"]``'s value."""
     fraction_of_features: float
+    per_prompt: dict[str, Outcomes]
+    """Every verdict condition (controls as ``control 1`` …) prompt by prompt."""
+
+
+# ---- the two parts ------------------------------------------------------------------------------
+
+
+def conversations(path: str | Path) -> list[tuple[Doc, dict]]:
+    """The records of ``path`` that have a question (user turn), in file order, with their ``Doc``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TcaError(f"data file {path} does not exist.")
+    out = []
+    for line, record in read_records(path):
+        if "conversations" not in record and "messages" not in record:
+            continue
+        user = next((c for r, c in turns_of(record, path, line) if r == "user"), None)
+        if user is None:
+            continue
+        rid = record.get("id")
+        key = hashlib.sha256(user.encode("utf-8")).hexdigest()
+        out.append((Doc(line, None if rid is None else str(rid), key), record))
+    return out
+
+
+def split_documents(data: str | Path, verdict_data: str | Path | None = None
+                    ) -> tuple[list[tuple[Doc, dict]], list[tuple[Doc, dict]]]:
+    """(selection, verdict): the two parts of the held-out conversations, each in file order.
+
+    Without ``verdict_data``, the conversations of ``data`` ordered by key: the first half is the
+    selection part (with any other conversation of the same question), the rest the verdict part.
+    A conversation's part depends on its question and on which others the file holds, never on a
+    seed or the file's order. With ``verdict_data``, ``data`` selects and ``verdict_data`` judges;
+    a question in both is refused.
+    """
+    docs = conversations(data)
+    if verdict_data is not None:
+        verdict = conversations(verdict_data)
+        shared = {d.key for d, _ in docs} & {d.key for d, _ in verdict}
+        if shared:
+            raise TcaError(f"{len(shared)} question(s) of {verdict_data} are also in {data}; the verdict must be "
+                           "judged on prompts the selection never saw.")
+        selection = docs
+    else:
+        keys = sorted(d.key for d, _ in docs)
+        last = keys[len(keys) // 2 - 1] if len(keys) >= 2 else ""
+        selection = [(d, r) for d, r in docs if d.key <= last]
+        verdict = [(d, r) for d, r in docs if d.key > last]
+    if not selection or not verdict:
+        raise TcaError(f"{data} needs conversations with at least two different questions to split into a "
+                       "selection part and a verdict part.")
+    return selection, verdict
+
+
+@dataclass
+class _Part:
+    """One part as the model sees it: prompts to generate from, traces to teacher-force."""
+
+    docs: list[Doc]
+    records: list[dict]
+    batches: list[TokenBatch]
+    positions: list[torch.Tensor] = field(default_factory=list)
+    """Per batch, where the target predicts a hesitation word."""
+
+
+def _parts(cfg: StudyConfig, tokenizer) -> tuple[_Part, _Part]:
+    """The selection part (its first ``prompts`` prompts, traces up to ``attribution_tokens``) and
+    the verdict part (its first ``prompts`` conversations, prompts and whole traces aligned)."""
+    selection, verdict = split_documents(cfg.data, cfg.verdict_data)
+    verdict = verdict[: cfg.prompts]
+    with tempfile.TemporaryDirectory(prefix="tca-study-") as tmp:
+        # each part is read back through the same readers as any data file, so prompts and
+        # traces are rendered exactly as generation and attribution render them elsewhere
+        files = []
+        for name, part in (("selection", selection), ("verdict", verdict)):
+            path = Path(tmp) / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(r, default=str) + "\n" for _, r in part), encoding="utf-8")
+            files.append(path)
+        sel_records = prompt_records(files[0], cfg.prompts)
+        sel_batches = token_batches(files[0], tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.attribution_tokens,
+                                    batch=cfg.batch)
+        ver_records = prompt_records(files[1], cfg.prompts)
+        ver_batches = token_batches(files[1], tokenizer, seq_len=cfg.seq_len, max_tokens=None, batch=cfg.batch)
+    for name, records in (("selection", sel_records), ("verdict", ver_records)):
+        if not any(len(r["conversations"]) > 1 for r in records):
+            raise TcaError(f"the {name} part of the data has no reference responses, so accuracy cannot be checked.")
+    used = max(len(sel_records), max(d for b in sel_batches for d in b.docs) + 1)
+    if len(ver_records) < cfg.prompts:
+        log.warning("the verdict part holds %d prompts, fewer than --prompts %d", len(ver_records), cfg.prompts)
+    return (_Part([d for d, _ in selection[:used]], sel_records, sel_batches),
+            _Part([d for d, _ in verdict], ver_records, ver_batches))
+
+
+# ---- running it ---------------------------------------------------------------------------------
 
 
 def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0) -> list[FeatureEdit]:
@@ -176,7 +387,7 @@ def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0) -
 
 
 def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
-    """Features that raise the hesitation words and fire just before them, best attribution
+    """Every feature that raises the hesitation words and fires just before them, best attribution
     first, joined with the index."""
     words = ", ".join("'" + w.replace("'", "''") + "'" for w in cfg.words)
     table = query(cfg.index, f"""
@@ -191,134 +402,203 @@ def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
             GROUP BY a.layer, a.feature
         )
         SELECT s.layer, s.feature, s.score, coalesce(f.mean, 0) AS mean, coalesce(f.n_active, 0) AS n_active,
-               coalesce(f.top_logits, []) AS top_logits,
+               coalesce(f.frequency, 0) AS frequency, coalesce(f.top_logits, []) AS top_logits,
                coalesce(b.n, 0) / greatest(coalesce(f.n_active, 0), 1) AS before_word
         FROM scored s
         LEFT JOIN features f ON f.adapter = $adapter AND f.layer = s.layer AND f.feature = s.feature
         LEFT JOIN before b ON b.layer = s.layer AND b.feature = s.feature
         WHERE coalesce(b.n, 0) / greatest(coalesce(f.n_active, 0), 1) >= $min_before
         ORDER BY s.score DESC, s.layer, s.feature
-        LIMIT {int(cfg.max_features)}
     """, {"adapter": name, "min_before": cfg.min_before_word})
-    return [Feature(r["layer"], r["feature"], r["score"], r["mean"], r["n_active"], list(r["top_logits"]),
-                    r["before_word"]) for r in table.to_pylist()]
+    return [Feature(r["layer"], r["feature"], r["score"], r["mean"], r["n_active"], r["frequency"],
+                    list(r["top_logits"]), r["before_word"]) for r in table.to_pylist()]
+
+
+@torch.no_grad()
+def _word_mass(model, batches: list[TokenBatch], word_ids: list[int], positions: list[torch.Tensor]
+               ) -> tuple[list[float], list[int]]:
+    """Per document: the summed next-token probability of ``word_ids`` over its ``positions``, and
+    how many positions it has (``token_probability`` per document, so traces can be resampled)."""
+    mass, count = [], []
+    for batch, where in zip(batches, positions, strict=True):
+        logits = forward_logits(model, batch)
+        rows = where.nonzero()[:, 0]
+        p = torch.softmax(logits[where.to(logits.device)].float(), -1)[:, word_ids].sum(-1).double().cpu()
+        mass += torch.zeros(where.shape[0], dtype=torch.float64).index_add_(0, rows, p).tolist()
+        count += where.sum(1).tolist()
+    return mass, count
 
 
 def hesitation_study(cfg: StudyConfig) -> StudyReport:
     """Run the study and write its report into ``cfg.out``."""
+    check_words(cfg.words)
     if not cfg.words or cfg.prompts < 1 or cfg.max_features < 1 or not cfg.clamp_scales:
         raise TcaError("the study needs at least one word, one prompt, one feature and one clamp scale.")
+    if cfg.controls < 1 or cfg.resamples < 100 or cfg.control_frequency_ratio <= 1:
+        raise TcaError("the study needs --controls at least 1, --resamples at least 100 and "
+                       "--control-frequency-ratio above 1.")
+    thresholds = Thresholds(cut=cfg.cut, accuracy_tolerance=cfg.accuracy_tolerance,
+                            control_quantile=cfg.control_quantile, sufficient_fraction=cfg.sufficient_fraction,
+                            frequency_ratio=cfg.control_frequency_ratio, resamples=cfg.resamples)
     name, path = adapter_name(cfg.adapters)
     check_writable(cfg.index, name)  # a wrong index or name fails before the models load
     tokenizer = target_tokenizer(cfg.target)
     word_ids = single_token_ids(tokenizer, cfg.words)
-    batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.attribution_tokens,
-                            batch=cfg.batch)
-    records = prompt_records(cfg.data, cfg.prompts)
-    if not any(len(r["conversations"]) > 1 for r in records):
-        raise TcaError(f"{cfg.data} has no reference responses, so accuracy cannot be checked.")
+    selection, verdict = _parts(cfg, tokenizer)
+    log.info("selection part: %d prompts, %d traces attributed; verdict part: %d prompts", len(selection.records),
+             sum(len(b.docs) for b in selection.batches), len(verdict.records))
     model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True)
     mlps = {i: m for i, m in adapted_mlps(model).items() if m.adapter is not None}
     total = sum(m.adapter.cfg.n_features for m in mlps.values())
 
     n_positions = 0
     for word, word_id in zip(cfg.words, word_ids, strict=True):
-        result = attribute(model, batches, word_id, contrast=cfg.contrast)
+        result = attribute(model, selection.batches, word_id, contrast=cfg.contrast)
         write_attributions(cfg.index, name, word, result)
         n_positions += result.n_positions
         log.info("%r: attributed at %d positions", word, result.n_positions)
     if n_positions == 0:
-        raise TcaError(f"the target never predicts {cfg.words} on {cfg.data}; nothing to attribute.")
-    candidates = _candidates(cfg, name)
+        raise TcaError(f"the target never predicts {cfg.words} on the selection part of {cfg.data}; "
+                       "nothing to attribute.")
+    passing = _candidates(cfg, name)
+    candidates = passing[: cfg.max_features]
     if not candidates:
         raise TcaError("no adapter feature both raises the hesitation words' logits and fires before them in "
                        f"at least {cfg.min_before_word:.0%} of its activations; there is nothing to test.")
 
     with computing_as(model, "target"):
-        positions = predicted_positions(model, batches, word_ids)
+        for part in (selection, verdict):
+            part.positions = predicted_positions(model, part.batches, word_ids)
 
-    def p_words(mode: str) -> float:
-        with computing_as(model, mode):
-            return token_probability(model, batches, word_ids, positions)
-
-    def run(trial: str, mode: str, features: list[tuple[int, int]], feature_edits: list[FeatureEdit]) -> Trial:
+    def run(part: _Part, trial: str, mode: str, features: list[tuple[int, int]],
+            feature_edits: list[FeatureEdit], banned: list[int] | None = None) -> tuple[Trial, Outcomes]:
         log.info("%s", trial)
-        with edits(model, feature_edits):
-            figures = behaviour(model, tokenizer, records, [mode], max_new_tokens=cfg.max_new_tokens,
-                                batch_size=cfg.gen_batch)[mode]
-            return Trial(trial, len(features), features, figures, p_words(mode))
+        with computing_as(model, mode), edits(model, feature_edits):
+            responses = generate(model, tokenizer, questions_of(part.records), max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.gen_batch, desc=trial, banned=banned)
+            # banning acts on generation only: teacher-forced, the words' probability is the unbanned model's
+            mass, count = (None, None) if banned else _word_mass(model, part.batches, word_ids, part.positions)
+        # scored one prompt at a time by the same function as the whole part, so per-prompt
+        # outcomes and the part's figures cannot disagree on what counts as correct or a hesitation
+        each = [score(tokenizer, [r], [resp], cfg.words) for r, resp in zip(part.records, responses, strict=True)]
+        outcomes = Outcomes([f.accuracy for f in each], [f.hesitations for f in each], [f.hesitating for f in each],
+                            [f.mean_length for f in each], [f.truncated for f in each], mass, count)
+        p_words = None if mass is None else sum(mass) / max(sum(count), 1)
+        figures = score(tokenizer, part.records, responses, cfg.words)
+        return Trial(trial, len(features), features, figures, p_words), outcomes
 
-    baseline = behaviour(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch)
-    baseline_p = {m: p_words(m) for m in baseline}
-    with computing_as(model, "target"):
-        # what the target itself does when it may not hesitate: how much accuracy can survive
-        # the removal of hesitation at all, whatever removes it
-        banned = score(tokenizer, records, generate(model, tokenizer, questions_of(records),
-                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch,
-                                                    desc="target, words banned", banned=word_ids))
-    adapted = baseline["adapted"]
-    if adapted.hesitations <= 0:
-        raise TcaError("the adapted model does not hesitate on these prompts, so there is nothing to remove; "
+    # ---- selection: the search and the clamp scale
+    sel_adapted, _ = run(selection, "adapted (selection)", "adapted", [], [])
+    if sel_adapted.figures.hesitations <= 0:
+        raise TcaError("the adapted model does not hesitate on the selection prompts, so there is nothing to remove; "
                        "train (or refine) the adapters further first.")
-
-    necessity, hesitation, best, necessary = [], [], None, False
+    necessity, hesitation, best, met = [], [], None, False
     for c in candidates:
         trial_set = hesitation + [c]
         features = [(f.layer, f.feature) for f in trial_set]
-        trial = run(f"ablate {len(features)}: + ({c.layer}, {c.feature})", "adapted", features, _edit_sets(features))
-        current = best.figures.hesitations if best else adapted.hesitations
-        if not _accuracy_held(cfg, adapted, trial.figures):
+        trial, _ = run(selection, f"ablate {len(features)}: + ({c.layer}, {c.feature})", "adapted", features,
+                       _edit_sets(features))
+        current = best.figures.hesitations if best else sel_adapted.figures.hesitations
+        if not _accuracy_held(cfg, sel_adapted.figures, trial.figures):
             trial.kept, trial.name = False, f"{trial.name} (dropped: accuracy)"
         elif trial.figures.hesitations > current:
             trial.kept, trial.name = False, f"{trial.name} (dropped: more hesitations)"
         necessity.append(trial)
         if trial.kept:
             hesitation, best = trial_set, trial
-            if _cut(adapted, trial.figures) >= cfg.cut:
-                necessary = True
+            if 1 - trial.figures.hesitations / sel_adapted.figures.hesitations >= cfg.cut:
+                met = True
                 break
-    control = _control(cfg, name, mlps, hesitation, run) if hesitation else None
-    sufficiency = []
     by_key = {(c.layer, c.feature): c for c in candidates}
-    features = [(c.layer, c.feature) for c in (hesitation or candidates[:1])]
-    for scale in cfg.clamp_scales:
-        clamps = _edit_sets(features, lambda layer, f: scale * by_key[(layer, f)].mean)
-        sufficiency.append(run(f"clamp x{scale:g} in the hybrid", "hybrid", features, clamps))
-    best_clamp = max(t.figures.hesitations for t in sufficiency)
-    added = best_clamp - baseline["hybrid"].hesitations
+    chosen = [(c.layer, c.feature) for c in hesitation]
+    clamped_set = chosen or [(candidates[0].layer, candidates[0].feature)]
+
+    def clamps(scale: float) -> list[FeatureEdit]:
+        return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean)
+
+    sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
+             for s in cfg.clamp_scales]
+    scale = cfg.clamp_scales[max(range(len(sweep)), key=lambda i: (sweep[i].figures.hesitations, -i))]
+
+    # ---- verdict: every figure a verdict uses, prompt by prompt
+    per_prompt: dict[str, Outcomes] = {}
+    trials: dict[str, Trial] = {}
+    for key, trial_name, mode, features, feature_edits, banned in [
+        ("target", "target", "target", [], [], None),
+        ("hybrid", "hybrid", "hybrid", [], [], None),
+        ("adapted", "adapted", "adapted", [], [], None),
+        ("target_banned", "target, words banned", "target", [], [], word_ids),
+        *([("ablated", "adapted, hesitation features ablated", "adapted", chosen, _edit_sets(chosen), None)]
+          if chosen else []),
+        ("clamped", f"hybrid, clamped x{scale:g}", "hybrid", clamped_set, clamps(scale), None),
+    ]:
+        trials[key], per_prompt[key] = run(verdict, trial_name, mode, features, feature_edits, banned)
+    counts = stats.resample_counts(len(verdict.records), cfg.resamples)
+    adapted = per_prompt["adapted"]
+
+    def change(after: Outcomes) -> tuple[Estimate, Estimate]:
+        return (stats.cut(after.hesitations, adapted.hesitations, counts),
+                stats.paired_difference(after.correct, adapted.correct, counts))
+
+    controls = []
+    if chosen:
+        table = query(cfg.index, "SELECT layer, feature, frequency FROM features WHERE adapter = $a ORDER BY ALL",
+                      {"a": name}).to_pydict()
+        spliced = [i for i, layer in enumerate(table["layer"]) if layer in mlps]
+        draws = stats.matched_controls(
+            [table["layer"][i] for i in spliced], [table["feature"][i] for i in spliced],
+            [table["frequency"][i] for i in spliced], chosen, {(c.layer, c.feature) for c in passing},
+            cfg.controls, cfg.control_frequency_ratio, cfg.seed)
+        for i, draw in enumerate(draws, start=1):
+            key = f"control {i}"
+            trial, per_prompt[key] = run(verdict, f"ablate random set {i} (control)", "adapted", draw.features,
+                                         _edit_sets(draw.features))
+            cut, acc = change(per_prompt[key])
+            controls.append(Control(draw.features, draw.factor, trial, cut.value, acc.value))
+            if any(f > cfg.control_frequency_ratio for f in draw.factor):
+                log.info("control %d: frequency range widened to x/÷ %s", i, max(draw.factor))
+
+    conditions = {key: _figure_estimates(per_prompt[key], counts) for key in trials}
+    cut, accuracy_delta = change(per_prompt["ablated"]) if chosen else (stats.NONE, stats.NONE)
+    added = stats.paired_difference(per_prompt["clamped"].hesitations, per_prompt["hybrid"].hesitations, counts)
+    rules = stats.necessity_rules(cut, accuracy_delta, [c.cut for c in controls], thresholds)
     report = StudyReport(
-        adapter=name, words=list(cfg.words), n_positions=n_positions, total_features=total, baseline=baseline,
-        baseline_p_words=baseline_p, target_banned=banned,
-        candidates=candidates, necessity=necessity, control=control, sufficiency=sufficiency,
-        hesitation_features=hesitation, necessary=necessary,
-        sufficient=bool(hesitation) and added >= 0.25 * baseline["target"].hesitations,
-        hesitation_cut=_cut(adapted, best.figures) if best else None,
-        accuracy_change=None if best is None or best.figures.accuracy is None or adapted.accuracy is None
-        else best.figures.accuracy - adapted.accuracy,
-        fraction_of_features=len(hesitation) / total,
+        adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
+        verdict_docs=verdict.docs, n_positions=n_positions, total_features=total, candidates=candidates,
+        n_passing=len(passing), selection_adapted=sel_adapted, necessity=necessity, search_met_cut=met,
+        clamp_sweep=sweep, clamp_scale=scale, hesitation_features=hesitation,
+        baseline={k: trials[k].figures for k in ("target", "hybrid", "adapted")},
+        baseline_p_words={k: trials[k].p_words for k in ("target", "hybrid", "adapted")},
+        target_banned=trials["target_banned"].figures, ablated=trials.get("ablated"),
+        sufficiency=[trials["clamped"]], conditions=conditions,
+        changes={"cut": cut, "accuracy_delta": accuracy_delta, "clamped_hesitations": added},
+        controls=controls,
+        control_spread={k: stats.spread([getattr(c, k) for c in controls], cfg.control_quantile)
+                        for k in ("cut", "accuracy_delta")},
+        necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
+        sufficient=bool(chosen) and stats.sufficiency_rule(added, conditions["target"]["hesitations"].value, thresholds),
+        hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
+        fraction_of_features=len(hesitation) / total, per_prompt=per_prompt,
     )
     write_study(report, cfg)
     return report
 
 
-def _cut(adapted: Figures, ablated: Figures) -> float:
-    return 1 - ablated.hesitations / adapted.hesitations
+def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
+    """Wilson intervals for the proportions, bootstrap over prompts for the rest."""
+    return {
+        "accuracy": stats.proportion(o.correct),
+        "hesitations": stats.mean(o.hesitations, counts),
+        "hesitating": stats.proportion(o.hesitating),
+        "mean_length": stats.mean(o.length, counts),
+        "truncated": stats.proportion(o.truncated),
+        "p_words": stats.NONE if o.word_mass is None else stats.ratio(o.word_mass, o.word_positions, counts),
+    }
 
 
 def _accuracy_held(cfg: StudyConfig, adapted: Figures, ablated: Figures) -> bool:
     """Accuracy stays within the tolerance of the unablated adapted model's."""
     return adapted.accuracy is None or ablated.accuracy >= adapted.accuracy - cfg.accuracy_tolerance
-
-
-def _control(cfg: StudyConfig, name: str, mlps: dict, hesitation: list[Feature], run) -> Trial:
-    """As many random features ablated as the hesitation features, drawn from the same layers'
-    live features (those the index saw fire) minus the candidates."""
-    live = query(cfg.index, "SELECT layer, feature FROM features WHERE adapter = $a AND n_active > 0 ORDER BY ALL",
-                 {"a": name}).to_pylist()
-    taken = {(f.layer, f.feature) for f in hesitation}
-    pool = [(r["layer"], r["feature"]) for r in live if r["layer"] in mlps and (r["layer"], r["feature"]) not in taken]
-    features = random.Random(cfg.seed).sample(pool, min(len(hesitation), len(pool)))
-    return run("ablate random (control)", "adapted", features, _edit_sets(features))
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -334,75 +614,135 @@ def write_study(report: StudyReport, cfg: StudyConfig) -> Path:
     return out
 
 
+CONDITION_NAMES = {
+    "target": "target", "hybrid": "hybrid", "adapted": "adapted", "target_banned": "target, words banned",
+    "ablated": "adapted, hesitation features ablated", "clamped": "hybrid, hesitation features clamped",
+}
+
+
 def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     words = ", ".join(f"“{w}”" for w in report.words)
-    adapted = report.baseline["adapted"]
+    t, ch, cond = report.thresholds, report.changes, report.conditions
+    split = (f"`{cfg.verdict_data}`" if cfg.verdict_data else
+             "the other half of the same file (each conversation's half fixed by a hash of its question)")
     lines = [
         f"# Hesitation study: {report.adapter}",
         "",
-        f"Target `{cfg.target}`, base `{cfg.base}`, held-out data `{cfg.data}`, {cfg.prompts} prompts, "
-        f"greedy, at most {cfg.max_new_tokens} new tokens. Hesitation words: {words}.",
+        f"Target `{cfg.target}`, base `{cfg.base}`, held-out data `{cfg.data}`; greedy, at most {cfg.max_new_tokens} "
+        f"new tokens. Hesitation words: {words}.",
+        "",
+        f"Features are **selected** on {len(report.selection_docs)} conversations (attribution over their traces; "
+        f"the search and the clamp sweep on the first {report.selection_adapted.figures.n} prompts) and **judged** on "
+        f"{len(report.verdict_docs)} others: {split}. Every verdict figure carries a 95% interval over the verdict "
+        f"prompts: Wilson for proportions (accuracy, responses hesitating), a percentile bootstrap over prompts "
+        f"({t.resamples} resamples, fixed seed) otherwise, paired (both conditions on the same resampled prompts) "
+        "for changes.",
         "",
         "## Verdict",
         "",
     ]
     n = len(report.hesitation_features)
-    kept = [t for t in report.necessity if t.kept]
-    effect = "" if not kept else (
-        f"ablating {n} feature{'s' * (n > 1)} ({report.fraction_of_features:.2%} of {report.total_features}) cuts "
-        f"hesitations per response by {report.hesitation_cut:.0%} ({adapted.hesitations:.2f} → "
-        f"{kept[-1].figures.hesitations:.2f}); accuracy changes by {_points(report.accuracy_change)}.")
-    if report.necessary:
-        lines.append(f"- **Necessary: yes.** {effect[:1].upper()}{effect[1:]}")
+    chosen = ", ".join(f"({f.layer}, {f.feature})" for f in report.hesitation_features)
+    adapted = cond["adapted"]
+    spread = report.control_spread
+    if n:
+        ablated = cond["ablated"]
+        lines.append(
+            f"- **Necessary: {_yes(report.necessary)}.** Ablating {n} feature{'s' * (n > 1)} ({chosen}; "
+            f"{report.fraction_of_features:.2%} of {report.total_features}) cuts hesitations per response by "
+            f"{_pct(ch['cut'])} ({_est(adapted['hesitations'])} → {_est(ablated['hesitations'])}); accuracy changes "
+            f"by {_points(ch['accuracy_delta'])}.")
+        rules = report.necessary_rules
+        lo = None if ch["cut"].ci95 is None else ch["cut"].ci95[0]
+        acc_lo = None if ch["accuracy_delta"].ci95 is None else ch["accuracy_delta"].ci95[0]
+        lines += [
+            f"  - the cut's lower bound {_frac(lo)} ≥ {t.cut:.0%} asked: {_yes(rules['cut'])}",
+            f"  - the accuracy change's lower bound {_signed_points(acc_lo)} ≥ −{100 * t.accuracy_tolerance:g} points: "
+            f"{_yes(rules['accuracy'])}",
+            f"  - the cut's lower bound above the {t.control_quantile:.0%} quantile of {len(report.controls)} random "
+            f"sets' cuts, {_frac(spread['cut']['p95'])} (median {_frac(spread['cut']['median'])}): "
+            f"{_yes(rules['controls'])}",
+        ]
+        if not report.search_met_cut:
+            lines.append(f"  - on the selection prompts the search did not reach the {t.cut:.0%} cut; this is the set "
+                         "that cut most while keeping accuracy.")
     else:
-        lines.append(f"- **Necessary: no.** No set of the {len(report.candidates)} candidates cut hesitations by "
-                     f"{cfg.cut:.0%} with accuracy within {100 * cfg.accuracy_tolerance:g} points. "
-                     + (f"The best set found: {effect}" if kept else "No candidate kept accuracy without raising hesitations."))
-    if report.control is not None:
-        c = report.control.figures
-        lines.append(f"- Control: {report.control.n_features} random live features ablated leave "
-                     f"{c.hesitations:.2f} hesitations per response (accuracy {_acc(c.accuracy)}).")
-    banned = report.target_banned
-    lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_acc(banned.accuracy)} "
-                 f"(unbanned {_acc(report.baseline['target'].accuracy)}), mean length {banned.mean_length:.1f}.")
-    best = max(report.sufficiency, key=lambda t: t.figures.hesitations)
+        lines.append(f"- **Necessary: no.** No candidate kept accuracy within {100 * t.accuracy_tolerance:g} points "
+                     "without raising hesitations on the selection prompts, so there is no set to judge.")
+    banned = cond["target_banned"]
+    lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_est(banned['accuracy'])} "
+                 f"(unbanned {_est(cond['target']['accuracy'])}), mean length {_est(banned['mean_length'], '.1f')}.")
+    clamped, hybrid, target = cond["clamped"], cond["hybrid"], cond["target"]
+    need = None if target["hesitations"].value is None else t.sufficient_fraction * target["hesitations"].value
+    added = ch["clamped_hesitations"]
+    who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
     lines.append(
-        f"- **Sufficient: {'yes' if report.sufficient else 'no'}.** Clamped on in the hybrid ({best.name}), "
-        f"{'these ' + str(n) if n else 'the top candidate'} feature{'s' * (n > 1)} "
-        f"produce {best.figures.hesitations:.2f} hesitations per response ({best.figures.hesitating:.0%} of responses) "
-        f"where the hybrid has {report.baseline['hybrid'].hesitations:.2f} and the target "
-        f"{report.baseline['target'].hesitations:.2f}. Teacher-forced on the target's traces, the clamps raise "
-        f"p(words) from the hybrid's {report.baseline_p_words['hybrid']:.3f} to at most "
-        f"{max(t.p_words for t in report.sufficiency):.3f} (target {report.baseline_p_words['target']:.3f}). "
-        f"Generation can only show hesitation where the hybrid writes a trace to hesitate in: its responses "
-        f"average {report.baseline['hybrid'].mean_length:.1f} tokens, the target's "
-        f"{report.baseline['target'].mean_length:.1f}."
+        f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} their mean "
+        f"activation (the scale of the selection sweep with the most hesitations), {who} {adds} "
+        f"{_est(added)} hesitations per response ({_est(hybrid['hesitations'])} → {_est(clamped['hesitations'])}; "
+        f"{_est(clamped['hesitating'], '.0%')} of responses hesitate). The lower bound must reach "
+        f"{t.sufficient_fraction:g} × the target's {_est(target['hesitations'])} = {_num(need)}. Teacher-forced on the "
+        f"target's traces, the clamp moves p(words) from the hybrid's {_est(hybrid['p_words'], '.3f')} to "
+        f"{_est(clamped['p_words'], '.3f')} (target {_est(target['p_words'], '.3f')}). Generation can only show "
+        f"hesitation where the hybrid writes a trace to hesitate in: its responses average "
+        f"{_est(hybrid['mean_length'], '.1f')} tokens, the target's {_est(target['mean_length'], '.1f')}."
     )
-    baseline = [Trial(m, 0, [], f, report.baseline_p_words[m]) for m, f in report.baseline.items()]
-    baseline.append(Trial("target, hesitation words banned", 0, [], report.target_banned, 0.0))
-    lines += ["", "## Baseline", "", _trials_table(baseline), "",
-              "The last row bans the hesitation words from the target's generation: the accuracy the task keeps "
-              "without hesitating at all, an upper bound for any ablation.", "",
-              f"Attribution ran over {report.n_positions} positions where the target predicts a hesitation word.",
-              "", "## Candidates (attribution, joined with the index)", "",
-              "| rank | layer | feature | attribution | mean act | indexed activations | before a hesitation word | top logits |",
+    lines += ["", "## Verdict conditions", "",
+              f"On the {len(report.verdict_docs)} verdict prompts; each figure with its 95% interval.", "",
+              "| condition | features | accuracy | mean length | truncated | hesitations / response "
+              "| responses hesitating | p(words) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    features = {"ablated": n, "clamped": len(report.sufficiency[0].features)}
+    for key, est in cond.items():
+        lines.append(f"| {CONDITION_NAMES[key]} | {features.get(key, 0)} | {_est(est['accuracy'])} | "
+                     f"{_est(est['mean_length'], '.1f')} | {_est(est['truncated'])} | {_est(est['hesitations'], '.2f')} | "
+                     f"{_est(est['hesitating'], '.2f')} | {_est(est['p_words'], '.3f')} |")
+    lines += ["", "Changes, paired over the verdict prompts:", "",
+              f"- hesitation cut (1 − ablated ÷ adapted hesitations per response): {_pct(ch['cut'])}",
+              f"- accuracy change (ablated − adapted): {_points(ch['accuracy_delta'])}",
+              f"- hesitations per response the clamp adds (clamped − hybrid): {_est(ch['clamped_hesitations'])}",
+              "", "The banned row bans the hesitation words from the target's generation: the accuracy the task keeps "
+              "without hesitating at all, an upper bound for any ablation.", ""]
+    if report.controls:
+        lines += ["## Controls", "",
+                  f"{len(report.controls)} random sets of {n} feature{'s' * (n > 1)}: each hesitation feature replaced "
+                  f"by a live feature of its layer whose activation frequency (index, `features.frequency`) is within "
+                  f"×/÷ {t.frequency_ratio:g} of its own, never one of the {report.n_passing} features that pass the "
+                  f"candidate filter; ablated in the adapted model on the verdict prompts.", "",
+                  f"- cut: median {_frac(spread['cut']['median'])}, {t.control_quantile:.0%} quantile "
+                  f"{_frac(spread['cut']['p95'])}",
+                  f"- accuracy change: median {_signed_points(spread['accuracy_delta']['median'])}, "
+                  f"{t.control_quantile:.0%} quantile {_signed_points(spread['accuracy_delta']['p95'])}", "",
+                  "| set | features | frequency range | hesitations / response | accuracy | cut | accuracy change |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for i, c in enumerate(report.controls, start=1):
+            lines.append(f"| {i} | {' '.join(f'({l}, {f})' for l, f in c.features)} | ×/÷ {max(c.factor):g} | "
+                         f"{c.trial.figures.hesitations:.2f} | {_acc(c.trial.figures.accuracy)} | {_frac(c.cut)} | "
+                         f"{_signed_points(c.accuracy_delta)} |")
+        lines.append("")
+    lines += ["## Selection", "",
+              f"Attribution ran over {report.n_positions} positions of the selection traces where the target predicts "
+              "a hesitation word.", "",
+              "### Candidates (attribution, joined with the index)", "",
+              f"{report.n_passing} features pass the filter; the best {len(report.candidates)} are tried.", "",
+              "| rank | layer | feature | attribution | mean act | frequency | before a hesitation word | top logits |",
               "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for rank, c in enumerate(report.candidates[:20], start=1):
         mark = " **" if c in report.hesitation_features else ""
-        lines.append(f"| {rank}{mark} | {c.layer} | {c.feature} | {c.score:.1f} | {c.mean:.3f} | {c.n_active} | "
-                     f"{c.before_word:.0%} | {' '.join(repr(t) for t in c.top_logits[:5])} |")
-    lines += ["", "## Necessity: ablations in the adapted model", "",
+        lines.append(f"| {rank}{mark} | {c.layer} | {c.feature} | {c.score:.1f} | {c.mean:.3f} | {c.frequency:.2e} | "
+                     f"{c.before_word:.0%} | {' '.join(repr(w) for w in c.top_logits[:5])} |")
+    lines += ["", "### The search: ablations in the adapted model", "",
               "Candidates join the ablated set best first; one that costs more than "
-              f"{100 * cfg.accuracy_tolerance:g} points of accuracy, or brings hesitations back up, is dropped "
-              "again (marked).", "",
+              f"{100 * t.accuracy_tolerance:g} points of accuracy, or brings hesitations back up, is dropped "
+              "again (marked). Point values on the selection prompts; the right panel of the plot is the verdict.", "",
               "![necessity](necessity.png)", "",
-              _trials_table(report.necessity + ([report.control] if report.control else [])),
-              "", "## Sufficiency: clamps in the hybrid", "",
+              _trials_table([report.selection_adapted] + report.necessity),
+              "", "### The clamp sweep in the hybrid", "",
               "Each feature is clamped at the given multiple of its mean active value, at every position, with "
               "every other adapter feature off.", "", "![sufficiency](sufficiency.png)", "",
-              _trials_table(report.sufficiency), "",
-              f"p(words): teacher-forced probability of {words} at the {report.n_positions} positions where the "
-              "target predicts one; the other columns are greedy generations from the held-out prompts.", "",
+              _trials_table(report.clamp_sweep), "",
+              f"p(words): teacher-forced probability of {words} at the positions where the target predicts one; the "
+              "other columns are greedy generations from the part's prompts.", "",
               "Find a feature's examples with `tca top INDEX LAYER FEATURE`, or in SQL:", "",
               "```sql",
               "SELECT * FROM attributions JOIN features USING (adapter, layer, feature)",
@@ -417,53 +757,124 @@ def _trials_table(trials: list[Trial]) -> str:
     for t in trials:
         f = t.figures
         rows.append(f"| {t.name} | {t.n_features} | {_acc(f.accuracy)} | {f.mean_length:.1f} | {f.hesitations:.2f} | "
-                    f"{f.hesitating:.2f} | {t.p_words:.3f} |")
+                    f"{f.hesitating:.2f} | {_num(t.p_words, '.3f')} |")
     return "\n".join(rows)
 
 
-def _points(change: float | None) -> str:
-    return "n/a" if change is None else f"{100 * change:+.1f} points"
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _est(e: Estimate, fmt: str = ".2f") -> str:
+    """``value [lo, hi]``."""
+    if e.value is None:
+        return "n/a"
+    return format(e.value, fmt) + ("" if e.ci95 is None else f" [{format(e.ci95[0], fmt)}, {format(e.ci95[1], fmt)}]")
+
+
+def _pct(e: Estimate) -> str:
+    return _est(e, ".0%")
+
+
+def _frac(x: float | None) -> str:
+    return _num(x, ".0%")
+
+
+def _signed_points(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f} points"
+
+
+def _points(e: Estimate) -> str:
+    if e.value is None:
+        return "n/a"
+    ci = "" if e.ci95 is None else f" [{100 * e.ci95[0]:+.1f}, {100 * e.ci95[1]:+.1f}]"
+    return f"{100 * e.value:+.1f}{ci} points"
 
 
 def _acc(acc: float | None) -> str:
-    return "n/a" if acc is None else f"{acc:.3f}"
+    return _num(acc, ".3f")
 
 
-def _plot_necessity(report: StudyReport, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    return plt
+
+
+def _errorbar(ax, x, e: Estimate, **kw) -> None:
+    """A point with its 95% interval (a bare point without one)."""
+    if e.value is None:
+        return
+    err = None if e.ci95 is None else [[e.value - e.ci95[0]], [e.ci95[1] - e.value]]
+    ax.errorbar([x], [e.value], yerr=err, capsize=4, **kw)
+
+
+def _plot_necessity(report: StudyReport, path: Path) -> None:
+    plt = _pyplot()
+    fig, (search, verdict) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     tried = range(1, len(report.necessity) + 1)
-    ax.plot(tried, [t.figures.hesitations for t in report.necessity], "o-", label="hesitations / response")
-    ax.plot(tried, [t.figures.accuracy or 0 for t in report.necessity], "s--", label="accuracy")
+    search.plot(tried, [t.figures.hesitations for t in report.necessity], "o-", label="hesitations / response")
+    search.plot(tried, [t.figures.accuracy or 0 for t in report.necessity], "s--", label="accuracy")
     dropped = [(i, t.figures.hesitations) for i, t in zip(tried, report.necessity, strict=True) if not t.kept]
     if dropped:
-        ax.plot(*zip(*dropped, strict=True), "rx", ms=9, label="dropped again")
-    ax.axhline(report.baseline["adapted"].hesitations, color="grey", lw=0.8, ls=":", label="adapted, unablated")
-    if report.control is not None:
-        ax.axhline(report.control.figures.hesitations, color="k", lw=0.8, ls="--", label="random features (control)")
-    ax.set_xlabel("candidates tried, best attribution first")
-    ax.legend(fontsize=8)
+        search.plot(*zip(*dropped, strict=True), "rx", ms=9, label="dropped again")
+    search.axhline(report.selection_adapted.figures.hesitations, color="grey", lw=0.8, ls=":", label="adapted, unablated")
+    search.xaxis.get_major_locator().set_params(integer=True)
+    search.set_xlabel("candidates tried, best attribution first")
+    search.set_title("selection prompts: the search", fontsize=9)
+    search.legend(fontsize=7)
+
+    t = report.thresholds
+    for x, key, attr, threshold, label in ((0, "cut", "cut", t.cut, "cut asked"),
+                                           (1, "accuracy_delta", "accuracy_delta", -t.accuracy_tolerance, "−tolerance")):
+        controls = [getattr(c, attr) for c in report.controls if getattr(c, attr) is not None]
+        if controls:
+            jitter = [x + 0.25 + 0.1 * ((i % 5) - 2) / 2 for i in range(len(controls))]
+            verdict.plot(jitter, controls, ".", color="grey", label="random sets (controls)" if x == 0 else None)
+        _errorbar(verdict, x, report.changes[key], fmt="o", color="C0",
+                  label="hesitation features, 95% CI" if x == 0 else None)
+        verdict.hlines(threshold, x - 0.3, x + 0.45, color="C3", ls="--", lw=1, label=label)
+    verdict.axhline(0, color="k", lw=0.5)
+    verdict.set_xticks([0, 1], ["hesitation cut", "accuracy change"])
+    verdict.set_xlim(-0.5, 1.6)
+    verdict.set_title("verdict prompts: ablated vs adapted (paired)", fontsize=9)
+    verdict.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot_sufficiency(report: StudyReport, path: Path) -> None:
-    import matplotlib
+    plt = _pyplot()
+    fig, (sweep, verdict) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [t.name.split()[1] for t in report.clamp_sweep]  # "clamp x0.5 in the hybrid …" -> "x0.5"
+    values = [t.figures.hesitations for t in report.clamp_sweep]
+    colours = ["C1" if n == f"x{report.clamp_scale:g}" else "C0" for n in names]
+    sweep.bar(names, values, color=colours)
+    sweep.set_xlabel("clamp scale (× mean active value); orange: the one judged")
+    sweep.set_ylabel("hesitations / response")
+    sweep.set_title("selection prompts: clamped in the hybrid", fontsize=9)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["hybrid"] + [t.name.split(" in ")[0] for t in report.sufficiency] + ["target"]
-    values = ([report.baseline["hybrid"].hesitations] + [t.figures.hesitations for t in report.sufficiency]
-              + [report.baseline["target"].hesitations])
-    ax.bar(names, values, color=["grey"] + ["C0"] * len(report.sufficiency) + ["C2"])
-    ax.set_ylabel("hesitations / response")
+    cond = report.conditions
+    keys = ["hybrid", "clamped", "target"]
+    for x, key in enumerate(keys):
+        e = cond[key]["hesitations"]
+        verdict.bar([x], [e.value or 0], color=["grey", "C1", "C2"][x])
+        _errorbar(verdict, x, e, fmt="none", ecolor="k")
+    if cond["target"]["hesitations"].value is not None:
+        need = cond["hybrid"]["hesitations"].value + report.thresholds.sufficient_fraction * cond["target"]["hesitations"].value
+        verdict.axhline(need, color="C3", ls="--", lw=1,
+                        label=f"hybrid + {report.thresholds.sufficient_fraction:g} × target")
+        verdict.legend(fontsize=7)
+    verdict.set_xticks(range(len(keys)), ["hybrid", f"clamped x{report.clamp_scale:g}", "target"])
+    verdict.set_title("verdict prompts, 95% CI", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
