@@ -1,10 +1,17 @@
 """tca: activation caches for model diffing with transcoder adapters.
 
 The stages live in sub-packages, imported one way only:
-``cli -> query -> train -> kernels, cache``.
+``cli -> query -> adapted -> train -> kernels, cache``.
 """
 
+from typing import Literal
+
 __version__ = "0.1.0"
+
+Device = Literal["auto", "cpu", "cuda"]
+"""Where a command computes; auto: CUDA when present."""
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The dtype models run in; auto: the checkpoint's own on CUDA, float32 on CPU."""
 
 
 class TcaError(Exception):

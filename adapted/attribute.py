@@ -38,11 +38,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tca import TcaError
+from tca import Device, ModelDtype, TcaError
 from tca.adapted.batches import TokenBatch, token_batches
+from tca.adapted.generation import workload
 from tca.adapted.intervene import forward_logits, single_token_ids
 from tca.adapted.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.layers import select_layers
+from tca.ranges import POSITIVE, at_least, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +164,28 @@ class AttributionConfig:
     tokenizer)."""
     data: str
     """JSONL or Parquet conversations or texts, rendered as the harvester renders them."""
-    token: str
+    token: str = field(metadata={"flag": ("--target-token",)})
     """The token whose logit is attributed (one token of the target's tokenizer)."""
     layers: str = "all"
     """``all`` (every layer with an adapter) or a list like ``0,3,5-7``."""
-    max_tokens: int | None = 20_000
+    max_tokens: int | None = field(default=20_000, metadata=POSITIVE)
     """Tokens read from ``data`` (None: all)."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     """Tokens kept per document."""
-    batch: int = 8
+    batch: int = field(default=8, metadata=POSITIVE)
     """Documents per forward and backward pass."""
-    dtype: str = "float32"
-    """``float32`` or ``bfloat16``: weights and activations of the model and the adapters."""
-    device: str = "auto"
+    dtype: ModelDtype = "auto"
+    """``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or
+    ``float16``: the models' weights and activations; the one chosen is written into the report."""
+    device: Device = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
     contrast: bool = False
     """Attribute the token's logit minus that of the target's most likely other token there."""
-    top: int = 20
+    top: int = field(default=20, metadata=POSITIVE)
     """Features shown."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def adapter_name(spec: str) -> tuple[str, str]:
@@ -199,11 +205,14 @@ class AttributionRun:
     layers: list[int]
     n_tokens: int
     """Real tokens of the data read."""
+    dtype: str
+    """The dtype the model ran in (``--dtype auto`` resolved)."""
 
     def summary(self, top: int) -> dict:
         return {
             "adapter": self.adapter, "token": self.token, "token_id": self.result.token_id, "layers": self.layers,
-            "n_tokens": self.n_tokens, "n_positions": self.result.n_positions, "top": self.result.ranking(top),
+            "n_tokens": self.n_tokens, "n_positions": self.result.n_positions, "dtype": self.dtype,
+            "top": self.result.ranking(top),
         }
 
 
@@ -213,8 +222,10 @@ def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     tokenizer = target_tokenizer(cfg.target)
     (token_id,) = single_token_ids(tokenizer, [cfg.token])
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
-    model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True)
+    model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True,
+                         work=workload("attribute", batches))
     with_adapter = [i for i, m in adapted_mlps(model).items() if m.adapter is not None]
     layers = select_layers(cfg.layers, with_adapter, "the adapters cover")
     result = attribute(model, batches, token_id, layers, contrast=cfg.contrast)
-    return AttributionRun(name, cfg.token, result, layers, sum(b.n_tokens for b in batches))
+    return AttributionRun(name, cfg.token, result, layers, sum(b.n_tokens for b in batches),
+                          str(model.dtype).removeprefix("torch."))

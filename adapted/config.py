@@ -6,10 +6,11 @@ field's type, default and docstring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from tca.train.config import Device
+from tca import Device, ModelDtype
+from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, at_least, check_ranges
 
 REFINE_L1 = 1.0
 """``tca refine``'s L1 weight, calibrated on the demo pair (docs/train.md, Refinement)."""
@@ -36,53 +37,57 @@ class RefineConfig:
     layers: str = "all"
     """``all`` or a list like ``0,3,5-7``: the set's layers to refine, or with ``from_zero`` the
     layers to create adapters for."""
-    features: int | None = None
+    features: int | None = field(default=None, metadata=POSITIVE)
     """With ``from_zero``: features per adapter; None: ``tca train``'s default (8192 at width 3584,
     scaled to the model's width)."""
     activation: RefineActivation = "relu"
     """With ``from_zero``: ``relu`` or ``topk``."""
-    k: int = 32
+    k: int = field(default=32, metadata=POSITIVE)
     """With ``from_zero`` and ``topk``: active features per token."""
-    tokens: int | None = None
+    tokens: int | None = field(default=None, metadata=POSITIVE)
     """Training tokens (real, unpadded); None: one pass over the training documents."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     """Tokens kept per document."""
-    batch: int = 8
+    batch: int = field(default=8, metadata=POSITIVE)
     """Documents per step."""
-    lambda_kl: float = 2.0
+    lambda_kl: float = field(default=2.0, metadata=NON_NEGATIVE)
     """Weight of the KL terms (fully adapted and mixed models)."""
-    lambda_nmse: float = 1.0
+    lambda_nmse: float = field(default=1.0, metadata=NON_NEGATIVE)
     """Weight of the mean per-layer hidden-state NMSE."""
-    cutoffs: int = 1
+    cutoffs: int = field(default=1, metadata=NON_NEGATIVE)
     """Distinct layer cut-offs drawn per step from 1..L-1 (0: no mixed models)."""
-    l1: float = REFINE_L1
+    l1: float = field(default=REFINE_L1, metadata=NON_NEGATIVE)
     """Weight of the decoder-norm-weighted L1 of the activations (ReLU adapters)."""
-    lr: float | None = None
+    lr: float | None = field(default=None, metadata=POSITIVE)
     """Peak AdamW learning rate; None: ``tca train``'s default for the adapters' width, divided
     by ``lr_refine_div`` when starting from offline adapters."""
-    lr_refine_div: float = 4.0
+    lr_refine_div: float = field(default=4.0, metadata=POSITIVE)
     """How much smaller the default lr is when refining offline adapters (they start near a
     good solution)."""
-    warmup_frac: float = 0.05
+    warmup_frac: float = field(default=0.05, metadata=PROPORTION)
     """Fraction of steps with linearly rising learning rate."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=POSITIVE)
     """Clipping of the gradient norm over all adapters."""
-    eval_tokens: int = 8192
+    eval_tokens: int = field(default=8192, metadata=NON_NEGATIVE)
     """Tokens of the first documents of ``data`` held out for evaluation."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """``float32`` or ``bfloat16``: the models' weights (the adapters always train in float32;
-    bfloat16 halves the weights' memory, the choice for a 7B pair on one GPU)."""
+    dtype: ModelDtype = "auto"
+    """The models' weights: ``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), ``float32``,
+    ``bfloat16`` or ``float16``. The adapters always train in float32; bfloat16 halves the weights'
+    memory, the choice for a 7B pair on one GPU. The one chosen is written into summary.json."""
     checkpointing: bool = True
     """Recompute each layer in backward instead of keeping its activations."""
     device: Device = "auto"
     """Where to run; auto takes CUDA when present."""
     resume: bool = False
     """Continue the run in ``out`` from its checkpoint."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds new adapters, document order and the cut-offs."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=POSITIVE)
     """Steps between training records in metrics.jsonl."""
-    eval_every: int = 0
+    eval_every: int = field(default=0, metadata=NON_NEGATIVE)
     """Steps between held-out evaluations (0: five per run)."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(default=100, metadata=POSITIVE)
     """Steps between checkpoints."""
+
+    def __post_init__(self):
+        check_ranges(self)

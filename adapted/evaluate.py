@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tca import TcaError
+from tca import Device, ModelDtype, TcaError
 from tca.adapted.batches import TokenBatch, token_batches
-from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.data import read_records, turns_of
+from tca.ranges import NON_NEGATIVE, POSITIVE, at_least, check_ranges
 from tca.train.metrics import next_token_kl
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,15 @@ class EvalConfig:
     """Target model: local directory or Hugging Face id (the backbone of every mode)."""
     data: str
     """JSONL or Parquet of conversations or texts; pass held-out data (not the training split)."""
-    max_tokens: int | None = 100_000
+    max_tokens: int | None = field(default=100_000, metadata=POSITIVE)
     """Teacher-forced tokens to measure KL and NMSE on (None: the whole file)."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     """Tokens kept per document."""
-    batch: int = 8
+    batch: int = field(default=8, metadata=POSITIVE)
     """Documents per forward pass (each is run three times: target, hybrid, adapted)."""
-    generate: int = 0
+    generate: int = field(default=0, metadata=NON_NEGATIVE)
     """Prompts (the first records of ``data``) to generate from in each mode; 0 skips generation."""
-    max_new_tokens: int = 4096
+    max_new_tokens: int = field(default=4096, metadata=POSITIVE)
     """Longest greedy response. 4096 is sized for R1 traces, which run to thousands of tokens; a
     response cut here has no final answer, and the figures' ``truncated`` share says how many were
     cut: raise it until that share is near 0 (time grows with it). Short-answer models such as the
@@ -71,14 +72,18 @@ class EvalConfig:
     words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
     """Words counted as hesitations in the generated responses (whole words; default ``Wait``,
     ``tca.adapted.generation.HESITATION_WORDS``)."""
-    gen_batch: int = 64
+    gen_batch: int = field(default=64, metadata=POSITIVE)
     """Prompts generated together."""
-    dtype: str = "float32"
-    """``float32`` or ``bfloat16``: weights and activations of the model and the adapters."""
-    device: str = "auto"
+    dtype: ModelDtype = "auto"
+    """``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or
+    ``float16``: the models' weights and activations; the one chosen is written into the report."""
+    device: Device = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     layers: str = "all"
     """Which of the set's layers to splice: ``all`` or a list like ``0,3,5-7``."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -268,19 +273,19 @@ def prompt_records(path: str | Path, n: int) -> list[dict]:
 
 def evaluate(cfg: EvalConfig) -> EvalReport:
     """Load the adapted model once and measure its faithfulness (and behaviour) against the target."""
-    if cfg.batch < 1 or cfg.seq_len < 2 or cfg.generate < 0 or cfg.max_new_tokens < 1:
-        raise TcaError("--batch and --max-new-tokens must be positive, --seq-len at least 2 and --generate at least 0.")
     check_words(cfg.words)
     tokenizer = target_tokenizer(cfg.target)
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
     records = prompt_records(cfg.data, cfg.generate) if cfg.generate else None
+    work = workload("eval", batches, tokenizer, records or [], gen_batch=cfg.gen_batch, new_tokens=cfg.max_new_tokens)
     model = load_adapted(cfg.adapters, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype,
-                         keep_target=True, layers=cfg.layers)
+                         keep_target=True, layers=cfg.layers, work=work)
+    dtype = str(model.dtype).removeprefix("torch.")
     layers = [i for i, mlp in adapted_mlps(model).items() if mlp.adapter is not None]
     device = next(model.parameters()).device
-    log.info("spliced %d adapters (layers %s) into %s on %s in %s", len(layers), layers, cfg.target, device, cfg.dtype)
+    log.info("spliced %d adapters (layers %s) into %s on %s in %s", len(layers), layers, cfg.target, device, dtype)
     faith = kl_and_nmse(model, batches)
-    report = EvalReport(str(cfg.adapters), layers, cfg.dtype, str(device), faith)
+    report = EvalReport(str(cfg.adapters), layers, dtype, str(device), faith)
     if records is not None:
         report.behaviour = behaviour(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens,
                                      batch_size=cfg.gen_batch, words=cfg.words)

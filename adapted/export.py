@@ -36,6 +36,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ class ExportConfig:
     """A tca adapter set directory."""
     out: str
     """Directory to write; it appears only once complete."""
-    format: str = "hf-reference"
+    format: Literal["hf-reference", "transcoder"] = "hf-reference"
     """hf-reference (the reference implementation's checkpoint of the adapted model) | transcoder
     (circuit-tracer's transcoder-set directory)."""
     base: str | None = None

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tca import TcaError
+from tca.cache.memory import Workload
 from tca.cache.template import THINK_CLOSE, render_deepseek
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,19 @@ class Figures:
 def questions_of(records: list[dict]) -> list[str]:
     """The user turn of each conversation record."""
     return [r["conversations"][0]["value"] for r in records]
+
+
+def workload(command: str, batches: list = (), tokenizer=None, records: list[dict] = (), *, gen_batch: int = 0,
+             new_tokens: int = 0, **sizes) -> Workload:
+    """The sizes of a command's passes, read off its data before any weights load, for the memory
+    plan: the largest teacher-forced batch (``TokenBatch``es) and the longest prompt generated from."""
+    prompt_len = max((len(tokenizer(render_deepseek(q), add_special_tokens=False).input_ids)
+                      for q in questions_of(records)), default=0) if records else 0
+    return Workload(
+        command, tokens=max((b.input_ids.numel() for b in batches), default=0),
+        seq_len=max((b.input_ids.shape[1] for b in batches), default=0),
+        gen_batch=min(gen_batch, len(records)) if records else 0, prompt_len=prompt_len,
+        new_tokens=new_tokens if records else 0, **sizes)
 
 
 def stop_ids(model, tokenizer) -> list[int]:

@@ -15,7 +15,7 @@ What is measured, before and after the edits, on the same data:
 
 - teacher-forced over every real position of the data: the mean next-token probability mass
   on chosen tokens (``p(Wait)``) and the mean KL(before || after) of the next-token distributions;
-- greedy generation from the first ``generate_n`` prompts: mean response length, share truncated,
+- greedy generation from the first ``generate`` prompts: mean response length, share truncated,
   hesitations (occurrences of ``words``) and accuracy (``tca.adapted.generation.Figures``).
 
 Edit syntax (``parse_edits``): ``LAYER:FEATURES[=VALUE]`` joined by ``;``, FEATURES a comma list
@@ -29,16 +29,18 @@ import logging
 import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
 
-from tca import TcaError
+from tca import Device, ModelDtype, TcaError
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.evaluate import prompt_records
-from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.splice import FeatureEdit, edits, load_adapted, target_tokenizer
+from tca.ranges import NON_NEGATIVE, POSITIVE, at_least, check_ranges
 from tca.train.metrics import next_token_kl
 
 log = logging.getLogger(__name__)
@@ -212,34 +214,38 @@ class InterventionConfig:
     """Target model: local directory or Hugging Face id (backbone and tokenizer)."""
     data: str
     """JSONL or Parquet conversations: teacher-forced text and generation prompts."""
-    edits: str
+    edits: str = field(metadata={"flag": ("--edit",)})
     """The edits, ``LAYER:FEATURES[=VALUE];…`` (``parse_edits``)."""
-    mode: str = "adapted"
+    mode: Literal["adapted", "hybrid"] = "adapted"
     """``adapted`` (ablation: necessity) or ``hybrid`` (clamping alone: sufficiency)."""
     at_tokens: list[str] | None = None
     """Edit only at positions whose input token is one of these (each one token); None: everywhere."""
     measure: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
     """Tokens whose next-token probability mass is measured (each one token; default the
     hesitation words, ``tca.adapted.generation.HESITATION_WORDS``)."""
-    max_tokens: int | None = 20_000
+    max_tokens: int | None = field(default=20_000, metadata=POSITIVE)
     """Teacher-forced tokens read from ``data`` (None: all)."""
-    generate_n: int = 32
+    generate: int = field(default=32, metadata=NON_NEGATIVE)
     """Prompts to generate from, the first ones of ``data`` (0: no generation)."""
-    max_new_tokens: int = 4096
+    max_new_tokens: int = field(default=4096, metadata=POSITIVE)
     """Longest generated response. 4096 is sized for R1 traces, which run to thousands of tokens;
     a response cut here has no final answer, and the figures' ``truncated`` share says how many
     were cut: raise it until that share is near 0 (time grows with it). The demo pair needs 200."""
     words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
     """Words counted as hesitations in the generated responses (whole words; default ``Wait``,
     ``tca.adapted.generation.HESITATION_WORDS``)."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     """Tokens kept per document."""
-    batch: int = 16
+    batch: int = field(default=16, metadata=POSITIVE)
     """Documents (teacher-forced) or prompts (generation) per forward pass."""
-    dtype: str = "float32"
-    """``float32`` or ``bfloat16``: weights and activations of the model and the adapters."""
-    device: str = "auto"
+    dtype: ModelDtype = "auto"
+    """``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or
+    ``float16``: the models' weights and activations; the one chosen is written into the report."""
+    device: Device = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -260,9 +266,10 @@ def run_intervention(cfg: InterventionConfig) -> InterventionReport:
         feature_edits = [replace(e, token_ids=at) for e in feature_edits]
     measure_ids = single_token_ids(tokenizer, cfg.measure)
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)
-    records = prompt_records(cfg.data, cfg.generate_n) if cfg.generate_n > 0 else []
-    model = load_adapted(cfg.adapters, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype)
+    records = prompt_records(cfg.data, cfg.generate) if cfg.generate > 0 else []
+    work = workload("intervene", batches, tokenizer, records, gen_batch=cfg.batch, new_tokens=cfg.max_new_tokens)
+    model = load_adapted(cfg.adapters, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, work=work)
     effect = intervention_effect(model, tokenizer, batches, records, feature_edits, cfg.mode, measure_ids,
-                                 cfg.generate_n, cfg.max_new_tokens, cfg.batch, cfg.words)
+                                 cfg.generate, cfg.max_new_tokens, cfg.batch, cfg.words)
     shown = [asdict(e) | {"token_ids": sorted(e.token_ids) if e.token_ids else None} for e in feature_edits]
     return InterventionReport(cfg.mode, shown, cfg.measure, effect)

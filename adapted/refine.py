@@ -41,9 +41,10 @@ from tca import TcaError
 from tca.adapted.batches import TokenBatch, batches_of, pad_id_of, tokenize_documents
 from tca.adapted.config import REFINE_ACTIVATIONS, RefineConfig
 from tca.adapted.evaluate import kl_and_nmse, mode
-from tca.adapted.lockstep import Lockstep, StreamsOut
+from tca.adapted.lockstep import KL_CHUNK_TOKENS, Lockstep, StreamsOut
 from tca.adapted.splice import adapted_mlps, load_adapted, target_tokenizer
 from tca.cache.layers import select_layers
+from tca.cache.memory import Workload
 from tca.cache.models import find_model, resolve_device
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import (
@@ -88,11 +89,16 @@ class Refiner:
             cfg = dataclasses.replace(cfg, lr=lr if cfg.from_zero else lr / cfg.lr_refine_div)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        work = Workload("refine", tokens=cfg.batch * cfg.seq_len, seq_len=cfg.seq_len, cutoffs=cfg.cutoffs,
+                        chunk=KL_CHUNK_TOKENS)
         self.model = load_adapted(self.source, cfg.base, cfg.target, device=str(self.device), dtype=cfg.dtype,
-                                  keep_target=True)
+                                  keep_target=True, work=work)
         self.model.requires_grad_(False)
         # AdaptedMLP casts between the model's dtype and the adapter's, so adapters stay float32
-        self.adapters = {i: m.adapter.float() for i, m in adapted_mlps(self.model).items() if m.adapter is not None}
+        # training mode: a feature without a decoder row still fires, which is how its row grows
+        # from zero (in eval mode, which ``evaluate`` switches to, it is not active)
+        self.adapters = {i: m.adapter.float().train() for i, m in adapted_mlps(self.model).items()
+                         if m.adapter is not None}
         params = [p for a in self.adapters.values() for p in a.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -119,8 +125,6 @@ class Refiner:
     def _check(cfg: RefineConfig) -> None:
         if cfg.from_zero == (cfg.adapters is not None):
             raise TcaError("give either --adapters (offline adapters to refine) or --from-zero, not both or neither.")
-        if cfg.batch < 1 or cfg.seq_len < 2 or cfg.cutoffs < 0 or (cfg.tokens is not None and cfg.tokens < 1):
-            raise TcaError("--batch and --tokens must be positive, --seq-len at least 2 and --cutoffs at least 0.")
         if cfg.activation not in REFINE_ACTIVATIONS:
             raise TcaError(f"refinement trains {' or '.join(REFINE_ACTIVATIONS)} adapters, not {cfg.activation!r}.")
 
@@ -257,6 +261,15 @@ class Refiner:
     def evaluate(self) -> dict:
         """On the held-out documents: KL of the adapted and hybrid models against the target,
         the fraction of the hybrid's KL closed, per-layer hidden-state NMSE and L0."""
+        for a in self.adapters.values():
+            a.eval()
+        try:
+            return self._evaluate()
+        finally:
+            for a in self.adapters.values():
+                a.train()
+
+    def _evaluate(self) -> dict:
         batches = [b.to(self.device) for b in batches_of(self.eval_docs, self.cfg.batch, self.pad_id)]
         faith = kl_and_nmse(self.model, batches)
         active = {i: 0.0 for i in self.adapters}
@@ -281,6 +294,7 @@ class Refiner:
         save_adapters(self.out, AdapterSet(adapters, self.source.config, self.source.store, self.source.models, extra))
         summary = {"adapters": str(self.out), "refined_from": self.cfg.adapters, "tokens_seen": self.tokens_seen,
                    "steps": self.step, "layers": sorted(self.adapters),
+                   "dtype": str(self.model.dtype).removeprefix("torch."),
                    **{k: v for k, v in final.items() if k not in ("kind", "step", "tokens")}}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

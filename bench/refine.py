@@ -66,7 +66,7 @@ def closed_on_val(adapters_dir: Path, max_tokens: int) -> float:
 
 def offline(store: str, out: Path, tokens: int | None) -> tuple[int, float]:
     t0 = time.perf_counter()
-    trainer = Trainer(TrainConfig(cache=store, out=str(out), device="cpu", tokens=tokens))
+    trainer = Trainer(TrainConfig(store=store, out=str(out), device="cpu", tokens=tokens))
     summary = trainer.run()
     return summary["tokens_seen"], time.perf_counter() - t0
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tca.cache.store import Store, decode
+from tca.cache.store import Store, from_stored
 from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.loader import ActivationLoader, LoaderConfig
@@ -43,7 +43,7 @@ def sequential_batches_per_s(store: Store, layer: int, batch: int, direct: bool)
     for start in range(0, store.n_rows, step):
         stop = min(start + step, store.n_rows)
         raw = [r.read(start, stop) for r in readers] if direct else [a[start:stop] for a in arrays]
-        parts = [decode(values, encoding).float() for values in raw]
+        parts = [from_stored(values, encoding).float() for values in raw]
         pending += parts[0].shape[0]
         while pending >= batch:
             pending -= batch
@@ -67,7 +67,7 @@ def shuffled_batches_per_s(store: Store, layer: int, batch: int) -> tuple[float,
 
 
 def trainer_ratio(url: str, out: str, features: int, batch: int, steps: int) -> dict:
-    cfg = TrainConfig(cache=url, out=out, layers="0", features=features, batch=batch, tokens=steps * batch,
+    cfg = TrainConfig(store=url, out=out, layers="0", features=features, batch=batch, tokens=steps * batch,
                       holdout_frac=0.02, log_every=10**9, eval_every=10**9, checkpoint_every=10**9,
                       shuffle_rows=8 * batch, eval_rows=batch, device="cpu")
     trainer = Trainer(cfg)

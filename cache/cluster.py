@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tca import TcaError
+from tca.ranges import POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,15 @@ class ClusterConfig:
 
     scheduler: str | None = None
     """Address of a running Dask scheduler (``tcp://host:8786``); None starts a local cluster."""
-    workers: int = 2
+    workers: int = field(default=2, metadata=POSITIVE)
     """Worker processes of the local cluster (ignored with ``scheduler``)."""
-    threads_per_worker: int = 1
+    threads_per_worker: int = field(default=1, metadata=POSITIVE)
     """Threads per local worker process; NumPy and PyTorch already use the cores they get."""
-    connect_timeout: float = 30.0
+    connect_timeout: float = field(default=30.0, metadata=POSITIVE)
     """Seconds to wait for ``scheduler`` to answer."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @contextmanager
@@ -39,8 +43,6 @@ def dask_client(cfg: ClusterConfig) -> Iterator:
     """A ``distributed.Client`` for the duration of the block; a local cluster is shut down after."""
     from distributed import Client, LocalCluster
 
-    if cfg.scheduler is None and cfg.workers < 1:
-        raise TcaError(f"--workers must be at least 1, got {cfg.workers}.")
     with _quiet_dask():
         if cfg.scheduler is None:
             # The scheduler always serves HTTP; keep it on loopback, on a free port, so nothing is

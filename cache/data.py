@@ -81,8 +81,12 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for line, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TcaError(f"{path} line {line} is not UTF-8 text; pass a JSONL or Parquet file.") from None
             if not raw.strip():
                 continue
             try:

@@ -24,17 +24,18 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from tca import TcaError
+from tca import Device, TcaError
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.layers import select_layers
 from tca.cache.memory import Workload, check_memory, checkpoint_dtype, memory_plan
 from tca.cache.models import (
-    check_mlp_shapes,
+    check_mlp_pair,
     check_pair,
     find_model,
     live_mlps,
@@ -48,6 +49,7 @@ from tca.cache.plan import Plan, PlanConfig, build_plan
 from tca.cache.ranks import Ranks, process_group, rank0_first
 from tca.cache.store import Store, StoreSpec
 from tca.cache.writer import BlockWriter
+from tca.ranges import POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +68,34 @@ class HarvestConfig:
     """Data, template, sequence length and which tokens become rows."""
     layers: str = "all"
     """Layers to harvest: ``all`` or a list like ``0,3,5-7``."""
-    batch_tokens: int = 8192
+    batch_tokens: int = field(default=8192, metadata=POSITIVE)
     """Token budget of one forward pass, padding included; a longer document runs alone."""
     store_y: bool = False
     """Also store ``y = MLP_target(x)``."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype the target runs and the store keeps: ``auto`` (the target's own), ``bfloat16``,
     ``float16`` or ``float32``."""
-    device: str = "auto"
+    device: Device = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     resume: bool = False
     """Continue an interrupted harvest of the same configuration into ``out``."""
-    block_rows: int = 4096
+    block_rows: int = field(default=4096, metadata=POSITIVE)
     """Rows per shard file (unit of writing and committing); see docs/store.md for the benchmark."""
-    chunk_rows: int = 512
+    chunk_rows: int = field(default=512, metadata=POSITIVE)
     """Rows per chunk inside a shard (unit of reading)."""
-    compressor: str = "none"
+    compressor: Literal["none", "zstd"] = "none"
     """``none`` or ``zstd``: activations compress by a few percent only (bench/harvest.py)."""
-    writers: int = 2
+    writers: int = field(default=2, metadata=POSITIVE)
     """Writer threads."""
-    queue_blocks: int = 4
+    queue_blocks: int = field(default=4, metadata=POSITIVE)
     """Finished blocks that may wait for a writer before the forward pass waits."""
     base_revision: str | None = None
     """Hub revision of the base model."""
     target_revision: str | None = None
     """Hub revision of the target model."""
     storage_options: dict = field(default_factory=dict)
-    """fsspec options of ``out`` (credentials, endpoint)."""
+    """fsspec options of ``out`` as a JSON object (credentials, endpoint); none given: s3fs reads the
+    ``AWS_*`` environment variables."""
 
     def identity(self) -> dict:
         """What decides the stored values: a resume must agree on all of it."""
@@ -100,6 +103,9 @@ class HarvestConfig:
         for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options"):
             settings.pop(transient)
         return settings
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -171,8 +177,6 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     target_src = find_model(cfg.target, cfg.target_revision)
     check_pair(base_src, target_src)
     layers = select_layers(cfg.layers, range(target_src.n_layers))
-    if cfg.batch_tokens < 1:
-        raise TcaError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}.")
     ranks = Ranks.from_env()
     device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device, target_src.config, checkpoint_on_cpu=True)
@@ -205,7 +209,7 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         model = load_model(target_src, dtype, device)
         act = target_src.config.get("hidden_act", "silu")
         mlps = PairedMlps(base=load_base_mlps(base_src, layers, device), target=live_mlps(model, layers, act))
-        check_mlp_shapes(mlps.base, mlps.target)
+        check_mlp_pair(mlps.base, mlps.target)
         store = rank0_first(ranks, lambda: _prepare_store(cfg, existing, spec, plan))
         if store is None:
             store = _join_store(cfg, spec)

@@ -198,7 +198,10 @@ def live_mlps(model: torch.nn.Module, layers: list[int], act: str) -> dict[int, 
     return out
 
 
-def check_mlp_shapes(base: dict[int, MlpWeights], target: dict[int, MlpWeights]) -> None:
+def check_mlp_pair(base: dict[int, MlpWeights], target: dict[int, MlpWeights]) -> list[int]:
+    """Refuse MLPs of different shapes; warn in one line about layers whose MLP weights are identical
+    in base and target (their delta is 0) and return those layers."""
+    same = []
     for layer, b in base.items():
         t = target[layer]
         if b.gate.shape != t.gate.shape or b.down.shape != t.down.shape:
@@ -206,6 +209,14 @@ def check_mlp_shapes(base: dict[int, MlpWeights], target: dict[int, MlpWeights])
                 f"layer {layer}'s MLPs have different shapes in base and target "
                 f"({tuple(b.gate.shape)} vs {tuple(t.gate.shape)}), so they cannot be paired."
             )
+        if all(torch.equal(x, y.to(x.dtype)) for x, y in ((b.gate, t.gate), (b.up, t.up), (b.down, t.down))):
+            same.append(layer)
+    if same and len(same) == len(base):
+        log.warning("the base and target MLP weights are identical in every selected layer, so every delta is 0: "
+                    "is --base the same model as --target?")
+    elif same:
+        log.warning("the base and target MLP weights are identical in layers %s: their delta is 0", same)
+    return same
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -13,12 +13,14 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
 from tca import TcaError
 from tca.cache.data import REGIONS, char_regions, read_documents
+from tca.ranges import NON_NEGATIVE, POSITIVE, SHARE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +31,27 @@ class PlanConfig:
 
     data: str
     """JSONL or Parquet file of conversations or texts."""
-    format: str = "auto"
+    format: Literal["auto", "conversations", "text"] = "auto"
     """``conversations``, ``text`` or ``auto`` (decided per record from its fields)."""
-    template: str = "deepseek"
+    template: Literal["deepseek", "chat", "none"] = "deepseek"
     """How conversations become text: ``deepseek`` (the R1 layout, keeps thinking), ``chat``
     (the target tokenizer's chat template) or ``none`` (turns joined by blank lines)."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=POSITIVE)
     """Tokens kept per document (the rest is cut)."""
-    max_tokens: int | None = None
+    max_tokens: int | None = field(default=None, metadata=POSITIVE)
     """Stop after this many tokens in all (the last document is cut to fit)."""
-    keep_frac: float = 1.0
+    keep_frac: float = field(default=1.0, metadata=SHARE)
     """Fraction of tokens stored as rows, chosen per token from ``seed`` and its index."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seed of the per-token subsampling."""
     skip_sinks: bool = False
     """Store no rows for attention-sink tokens: the first ``sink_positions`` of each document
     and BOS tokens anywhere (their activations have huge norms and say little)."""
-    sink_positions: int = 1
+    sink_positions: int = field(default=1, metadata=NON_NEGATIVE)
     """Positions counted as sinks from each document's start when ``skip_sinks``."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -145,10 +150,6 @@ def keep_mask(n_tokens: int, keep_frac: float, seed: int) -> np.ndarray:
 
 def build_plan(cfg: PlanConfig, tokenizer) -> Plan:
     """Read, render and tokenize the data, then decide which tokens become rows."""
-    if cfg.seq_len < 1:
-        raise TcaError(f"--seq-len must be at least 1, got {cfg.seq_len}.")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise TcaError(f"--max-tokens must be at least 1, got {cfg.max_tokens}.")
     add_special = cfg.template == "none"
     ids: list[np.ndarray] = []
     regions: list[np.ndarray] = []

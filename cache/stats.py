@@ -22,6 +22,7 @@ import numpy as np
 from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.layers import select_layers
 from tca.cache.store import Store
+from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,13 @@ class StatsConfig:
     """The Dask cluster: a local one of ``workers`` processes unless a scheduler address is given."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options of the store (credentials, endpoint)."""
-    outlier_factor: float = 10.0
+    outlier_factor: float = field(default=10.0, metadata=POSITIVE)
     """A row is an outlier when its norm exceeds this multiple of the layer's median norm."""
-    top_outliers: int = 10
+    top_outliers: int = field(default=10, metadata=NON_NEGATIVE)
     """Largest-norm rows listed per layer and array."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def torch_dtype(name: str) -> torch.dtype:
         raise TcaError(f"unknown activation dtype {name!r}; use one of {sorted(_TORCH_DTYPES)}.") from None
 
 
-def encode(t: torch.Tensor) -> np.ndarray:
+def to_stored(t: torch.Tensor) -> np.ndarray:
     """A tensor in its storage form: bf16 as its uint16 bit pattern, others as they are."""
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
@@ -72,7 +72,7 @@ def encode(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def decode(a: np.ndarray, encoding: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+def from_stored(a: np.ndarray, encoding: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Stored values as a tensor of their own dtype, or cast to ``dtype``."""
     a = np.ascontiguousarray(a)
     if encoding == "bfloat16":
@@ -317,7 +317,7 @@ class Store:
         """
         arr = self.array(layer, name)
         self._require_committed(start, stop)
-        return decode(arr[start:stop], arr.attrs["tca_encoding"], dtype)
+        return from_stored(arr[start:stop], arr.attrs["tca_encoding"], dtype)
 
     def iter_blocks(
         self,
@@ -419,7 +419,7 @@ class Store:
                 values = arrays[layer][name]
                 if values.shape != (stop - start, self.spec.d_model):
                     raise ValueError(f"block {block} of layer {layer}/{name} has shape {tuple(values.shape)}")
-                data = shard_bytes(encode(values.to(self.dtype)), *self.spec.shard_layout, self.spec.compressor)
+                data = shard_bytes(to_stored(values.to(self.dtype)), *self.spec.shard_layout, self.spec.compressor)
                 _write_whole(fs, self.shard_path(layer, name, block), data)
         self.group["_progress/committed"][block] = 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.models import find_model, live_mlps, load_base_mlps, load_model
 from tca.cache.store import Store
+from tca.ranges import NON_NEGATIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,21 @@ def info(url: str, storage_options: dict | None = None) -> dict:
 class VerifyConfig:
     """``tca cache verify``: how thoroughly to check a store."""
 
-    url: str
-    """The store to check."""
-    recompute: int = 0
+    store: str
+    """The store to check (a path or an fsspec URL)."""
+    recompute: int = field(default=0, metadata=NON_NEGATIVE)
     """Rows to recompute from the models and compare (0: structure and checksums only)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seed of the rows sampled for recomputing."""
     base: str | None = None
     """Base model to recompute with, when not where the store says it came from."""
     target: str | None = None
     """Target model to recompute with, when not where the store says it came from."""
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     """Device of the recomputation."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -92,7 +97,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def verify(cfg: VerifyConfig) -> VerifyReport:
-    store = Store.open(cfg.url)
+    store = Store.open(cfg.store)
     report = VerifyReport(tolerance=tolerance(store.dtype))
     _check_structure(store, report)
     if report.problems and not store.setup_complete:

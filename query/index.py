@@ -36,12 +36,13 @@ from tqdm import tqdm
 from tca import TcaError
 from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.layers import select_layers
-from tca.cache.store import Store, decode
+from tca.cache.store import Store, from_stored
 from tca.outputs import atomic_file, check_not_input
 from tca.query import schema
 from tca.query.lens import LogitLens
 from tca.query.parts import Parts, nonzeros, write_parts
 from tca.query.sql import connect
+from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 from tca.train.checkpoint import load_adapters as load_adapter_set
 from tca.train.checkpoint import store_models
 
@@ -86,22 +87,22 @@ def load_adapters(path: str | Path, name: str | None = None) -> list[IndexAdapte
 class IndexConfig:
     """``tca index``: encode a store with adapters and write a DuckDB index."""
 
-    cache: str
+    store: str = field(metadata={"old": ("--cache",)})
     """The activation store (path or fsspec URL)."""
-    adapters: list[str]
-    """Adapter set directories; ``NAME=DIR`` names one, else it is named after its directory."""
+    adapters: list[str] = field(metadata={"repeat": True})
+    """Adapter set directories (repeat the option for several); ``NAME=DIR`` names one, else it is named after its directory."""
     out: Path
     """The DuckDB index to create, or an index to add these adapters to (its other adapters and
     layers stay); the file appears or changes only once the build is complete."""
     layers: str = "all"
     """``all`` (every layer the adapters cover) or a list like ``0,3,5-7``."""
-    min_act: float = 0.0
+    min_act: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Keep activations strictly above this value; 0 keeps every nonzero one."""
     target: str | None = None
     """Target model directory for the logit lens (default: the one the store or adapters record)."""
-    batch_rows: int = 4096
+    batch_rows: int = field(default=4096, metadata=POSITIVE)
     """Rows encoded at once."""
-    n_logits: int = 10
+    n_logits: int = field(default=10, metadata=POSITIVE)
     """Tokens kept per feature in ``top_logits`` and ``bottom_logits``."""
     cluster: ClusterConfig | None = None
     """Encode on Dask workers (a local cluster or one at a scheduler address); None: in this process."""
@@ -112,6 +113,9 @@ class IndexConfig:
     """fsspec options of the store and the parts (credentials, endpoint)."""
     overwrite: bool = False
     """Replace adapter layers ``out`` already holds (same name and layer); without it they are refused."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -131,9 +135,9 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     """Load the store and adapters named by ``cfg`` and index them; every refusal comes before
     anything is written."""
     specs = [_adapter_spec(spec) for spec in cfg.adapters]
-    check_not_input(cfg.out, [cfg.cache, *(path for _, path in specs)])
+    check_not_input(cfg.out, [cfg.store, *(path for _, path in specs)])
     held = _held_adapters(cfg.out)
-    store = Store.open(cfg.cache, storage_options=cfg.storage_options)
+    store = Store.open(cfg.store, storage_options=cfg.storage_options)
     adapters: list[IndexAdapter] = []
     for name, path in specs:
         adapters += load_adapters(path, name)
@@ -216,7 +220,7 @@ def index_adapters(
                 # The shard reader checks each chunk's checksum and names a corrupted one in a sentence.
                 reader, encoding = store.shard_reader(layer, "x"), store.array(layer, "x").attrs["tca_encoding"]
                 for lo, hi in runs:
-                    x = decode(reader.read(lo, hi), encoding, torch.float32)
+                    x = from_stored(reader.read(lo, hi), encoding, torch.float32)
                     yield hi - lo, [nonzeros(encode, x, row_tokens[lo:hi], min_act) for encode in encoders]
 
             with tqdm(total=len(rows) * len(layers), unit="row", unit_scale=True, desc="index", dynamic_ncols=True) as bar:

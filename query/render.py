@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pyarrow as pa
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tca.query.view import FeatureView
+from tca import TcaError
+from tca.outputs import atomic_file, check_output
+from tca.query.sql import FORMATS, SqlConfig, connect, export, query
+from tca.query.view import FeatureView, feature_view
+from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 _HIGHLIGHT = (255, 140, 0)  # activations shade towards orange; white on a dark terminal stays readable
 
@@ -73,3 +79,57 @@ def feature_panel(view: FeatureView) -> Group:
 
 def print_feature(view: FeatureView, console: Console | None = None) -> None:
     (console or Console()).print(feature_panel(view))
+
+
+@dataclass
+class TopConfig:
+    """``tca top``: one feature's top examples in the terminal."""
+
+    index: str
+    """The DuckDB index."""
+    layer: int = field(metadata=NON_NEGATIVE)
+    """The feature's layer."""
+    feature: int = field(metadata=NON_NEGATIVE)
+    """The feature."""
+    k: int = field(default=20, metadata={**POSITIVE, "flag": ("-k", "--k")})
+    """Examples to show."""
+    context: int = field(default=12, metadata=NON_NEGATIVE)
+    """Tokens of context either side of an example."""
+    adapter: str | None = None
+    """The adapter (default: the index's only one)."""
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
+def show_top(cfg: TopConfig, console: Console | None = None) -> None:
+    """Print ``cfg.feature``'s page: statistics, logit lens and top examples highlighted."""
+    con = connect(cfg.index)
+    try:
+        view = feature_view(con, cfg.layer, cfg.feature, cfg.adapter, cfg.k, cfg.context)
+    finally:
+        con.close()
+    print_feature(view, console)
+
+
+def run_sql_command(cfg: SqlConfig) -> str | None:
+    """``tca sql``: run ``cfg.sql`` and write the result to ``cfg.out`` (returns None), or return
+    the text for stdout (a rendered table, CSV or JSON)."""
+    if cfg.format not in FORMATS:
+        raise TcaError(f"unknown format {cfg.format!r}; use one of {', '.join(FORMATS)}.")
+    if cfg.format == "parquet" and cfg.out is None:
+        raise TcaError("--format parquet needs --out FILE.")
+    if cfg.out is not None:
+        check_output(cfg.out, cfg.overwrite, [cfg.index])
+    table = query(cfg.index, cfg.sql)
+    fmt = "csv" if cfg.format == "table" else cfg.format
+    if cfg.out is not None:
+        with atomic_file(cfg.out) as tmp:
+            tmp.write_bytes(export(table, fmt))
+        return None
+    if cfg.format != "table":
+        return export(table, fmt).decode()
+    console = Console()
+    with console.capture() as captured:
+        console.print(arrow_table(table))
+    return captured.get()

@@ -7,7 +7,7 @@ script and no network; ``--all`` writes one page per live feature plus an ``inde
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tca.outputs import atomic_dir, atomic_file, check_output
 from tca.query.render import visible
 from tca.query.sql import connect, run_sql
 from tca.query.view import FeatureView, feature_view
+from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,25 @@ class ReportConfig:
 
     index: Path
     """The DuckDB index."""
-    out: Path
+    out: Path = field(metadata={"flag": ("-o", "--out")})
     """The page to write, or with ``all_features`` the directory of pages."""
-    layer: int | None = None
+    layer: int | None = field(default=None, metadata=NON_NEGATIVE)
     """The feature's layer (with ``all_features``: only this layer; default every layer)."""
-    feature: int | None = None
+    feature: int | None = field(default=None, metadata=NON_NEGATIVE)
     """The feature (not with ``all_features``)."""
-    all_features: bool = False
+    all_features: bool = field(default=False, metadata={"flag": ("--all",)})
     """One page per live feature, and an ``index.html`` linking them."""
     adapter: str | None = None
     """The adapter (default: the index's only one)."""
-    k: int = 20
+    k: int = field(default=20, metadata={**POSITIVE, "flag": ("-k", "--k")})
     """Top examples per page."""
-    context: int = 12
+    context: int = field(default=12, metadata=NON_NEGATIVE)
     """Tokens of context either side of an example."""
     overwrite: bool = False
     """Replace ``out`` if it exists (with ``all_features`` the whole directory, so no stale page stays)."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def make_report(cfg: ReportConfig) -> Path:

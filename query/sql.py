@@ -26,7 +26,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from tca import TcaError
-from tca.outputs import atomic_file, check_output
 
 _ALLOWED = {duckdb.StatementType.SELECT}
 Format = Literal["table", "csv", "json", "parquet"]
@@ -107,34 +106,6 @@ def query(index: str | Path, sql: str, params: list | dict | None = None) -> pa.
         return run_sql(con, sql, params)
     finally:
         con.close()
-
-
-def run_sql_command(cfg: SqlConfig) -> str | None:
-    """``tca sql``: run ``cfg.sql`` and write the result to ``cfg.out`` (returns None), or return
-    the text for stdout (a rendered table, CSV or JSON)."""
-    if cfg.format not in FORMATS:
-        raise TcaError(f"unknown format {cfg.format!r}; use one of {', '.join(FORMATS)}.")
-    if cfg.format == "parquet" and cfg.out is None:
-        raise TcaError("--format parquet needs --out FILE.")
-    if cfg.out is not None:
-        check_output(cfg.out, cfg.overwrite, [cfg.index])
-    table = query(cfg.index, cfg.sql)
-    fmt = "csv" if cfg.format == "table" else cfg.format
-    if cfg.out is not None:
-        with atomic_file(cfg.out) as tmp:
-            tmp.write_bytes(export(table, fmt))
-        return None
-    if cfg.format != "table":
-        return export(table, fmt).decode()
-    # render.py draws on this module's connect, so it is imported only when a table is drawn.
-    from rich.console import Console
-
-    from tca.query.render import arrow_table
-
-    console = Console()
-    with console.capture() as captured:
-        console.print(arrow_table(table))
-    return captured.get()
 
 
 def _first_line(exc: Exception) -> str:

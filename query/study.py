@@ -47,12 +47,12 @@ from pathlib import Path
 
 import torch
 
-from tca import TcaError
+from tca import Device, ModelDtype, TcaError
 from tca.adapted.attribute import adapter_name, attribute
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.evaluate import prompt_records
-from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score
+from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.intervene import forward_logits, predicted_positions, single_token_ids
 from tca.adapted.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
 from tca.cache.data import read_records, turns_of
@@ -60,6 +60,7 @@ from tca.query import stats
 from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
 from tca.query.stats import Estimate, Thresholds
+from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, SHARE, Range, at_least, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -92,54 +93,59 @@ class StudyConfig:
     contrast: bool = True
     """Attribute each word's logit minus the logit of what the target says instead, so features
     that only mark where a hesitation could go (and where the next step goes too) rank low."""
-    attribution_tokens: int = 20_000
+    attribution_tokens: int = field(default=20_000, metadata=POSITIVE)
     """Teacher-forced tokens of the selection part to attribute over."""
-    prompts: int = 100
+    prompts: int = field(default=100, metadata=POSITIVE)
     """Prompts per part: every condition generates from this many selection prompts (the search)
     or verdict prompts (the verdict)."""
-    max_new_tokens: int = 4096
+    max_new_tokens: int = field(default=4096, metadata=POSITIVE)
     """Longest generated response. 4096 is sized for R1 traces, which run to thousands of tokens;
     a response cut here has no final answer, and the figures' ``truncated`` share says how many
     were cut: raise it until that share is near 0 (time grows with it). The demo pair needs 200."""
-    max_features: int = 64
+    max_features: int = field(default=64, metadata=POSITIVE)
     """Most candidates tried, best first, before giving up on the necessity criterion."""
-    min_before_word: float = 0.05
+    min_before_word: float = field(default=0.05, metadata=PROPORTION)
     """A candidate must sit on the token just before a hesitation word in at least this share of
     its indexed activations. Features that fire at every step (where the next step's arithmetic
     needs them too) also earn attribution there, but removing them breaks the answer."""
-    cut: float = 0.8
+    cut: float = field(default=0.8, metadata=SHARE)
     """Necessary: ablation must cut hesitations per response by at least this fraction (the search's
     stopping point on the selection part; on the verdict part, the cut's lower bound)..."""
-    accuracy_tolerance: float = 0.05
+    accuracy_tolerance: float = field(default=0.05, metadata=PROPORTION)
     """...while accuracy drops by at most this much (absolute; on the verdict part, the accuracy
     change's lower bound)."""
-    control_quantile: float = 0.95
+    control_quantile: float = field(default=0.95, metadata=FRACTION)
     """Necessary: the cut's lower bound must exceed this quantile of the control sets' cuts."""
-    controls: int = 20
+    controls: int = field(default=20, metadata=POSITIVE)
     """Random control sets, each as large as the hesitation feature set, ablated on the verdict part."""
-    control_frequency_ratio: float = 1.5
+    control_frequency_ratio: float = field(
+        default=1.5, metadata={"range": Range(1, None, low_open=True, words="above 1")})
     """Each control feature's activation frequency lies within ×/÷ this of the feature it replaces
     (widened by powers of it, and recorded, where no live feature of the layer is in range)."""
-    clamp_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    clamp_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its mean active value on the selection
     part; the scale with the most hesitations is judged on the verdict part."""
-    sufficient_fraction: float = 0.25
+    sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
     """Sufficient: the lower bound of the hesitations per response the clamp adds to the hybrid must
     reach this fraction of the target's."""
-    resamples: int = stats.RESAMPLES
+    resamples: int = field(default=stats.RESAMPLES, metadata=at_least(100))
     """Bootstrap resamples per interval (prompts drawn with replacement, fixed seed)."""
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata=at_least(2))
     """Tokens kept per document."""
-    batch: int = 8
+    batch: int = field(default=8, metadata=POSITIVE)
     """Documents per attribution pass."""
-    gen_batch: int = 64
+    gen_batch: int = field(default=64, metadata=POSITIVE)
     """Prompts generated together."""
-    dtype: str = "float32"
-    """``float32`` or ``bfloat16``."""
-    device: str = "auto"
+    dtype: ModelDtype = "auto"
+    """``auto`` (the checkpoint's dtype on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or
+    ``float16``: the models' weights and activations."""
+    device: Device = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds the random control sets."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -432,11 +438,6 @@ def _word_mass(model, batches: list[TokenBatch], word_ids: list[int], positions:
 def hesitation_study(cfg: StudyConfig) -> StudyReport:
     """Run the study and write its report into ``cfg.out``."""
     check_words(cfg.words)
-    if not cfg.words or cfg.prompts < 1 or cfg.max_features < 1 or not cfg.clamp_scales:
-        raise TcaError("the study needs at least one word, one prompt, one feature and one clamp scale.")
-    if cfg.controls < 1 or cfg.resamples < 100 or cfg.control_frequency_ratio <= 1:
-        raise TcaError("the study needs --controls at least 1, --resamples at least 100 and "
-                       "--control-frequency-ratio above 1.")
     thresholds = Thresholds(cut=cfg.cut, accuracy_tolerance=cfg.accuracy_tolerance,
                             control_quantile=cfg.control_quantile, sufficient_fraction=cfg.sufficient_fraction,
                             frequency_ratio=cfg.control_frequency_ratio, resamples=cfg.resamples)
@@ -447,7 +448,9 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     selection, verdict = _parts(cfg, tokenizer)
     log.info("selection part: %d prompts, %d traces attributed; verdict part: %d prompts", len(selection.records),
              sum(len(b.docs) for b in selection.batches), len(verdict.records))
-    model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True)
+    work = workload("study", selection.batches, tokenizer, selection.records + verdict.records,
+                    gen_batch=cfg.gen_batch, new_tokens=cfg.max_new_tokens)
+    model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True, work=work)
     mlps = {i: m for i, m in adapted_mlps(model).items() if m.adapter is not None}
     total = sum(m.adapter.cfg.n_features for m in mlps.values())
 

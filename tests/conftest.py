@@ -64,7 +64,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
     data = str(DEMO_PAIR / "data" / "train.jsonl")
     harvest(HarvestConfig(base=str(DEMO_PAIR / "base"), target=str(DEMO_PAIR / "reasoning"), out=str(store),
                           plan=PlanConfig(data=data, max_tokens=DEMO_HARVEST_TOKENS), device="cpu"))
-    train(TrainConfig(cache=str(store), out=str(adapters), device="cpu", **DEMO_TRAIN))
+    train(TrainConfig(store=str(store), out=str(adapters), device="cpu", **DEMO_TRAIN))
     return DemoRun(store, adapters)
 
 

@@ -178,3 +178,74 @@ def test_every_stage_accepts_the_kernels_activations():
     assert set(get_args(get_type_hints(RefineConfig)["activation"])) <= set(ACTIVATIONS)
     for activation in ACTIVATIONS:
         assert AdapterConfig(d_model=D, n_features=F, activation=activation).activation == activation
+
+
+def _fired_in_training(adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+    """[N, F] bool: which features the training objective lets fire, written out plainly."""
+    pre = (x @ adapter.W_enc + adapter.b_enc).detach()
+    act, k = adapter.cfg.activation, adapter.cfg.k
+    if act == "relu":
+        return pre > 0
+    if act == "topk":
+        top = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(k, dim=1).indices, True)
+        return top & (pre > 0)
+    if act == "batchtopk":
+        top = torch.zeros(pre.numel(), dtype=torch.bool).scatter(0, pre.flatten().topk(k * len(x)).indices, True)
+        return top.view_as(pre) & (pre > 0)
+    return pre > adapter.log_threshold.exp().detach()
+
+
+@pytest.mark.parametrize("activation,kw", [("relu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5}),
+                                           ("jumprelu", {"jumprelu_init_threshold": 0.1})])
+def test_a_feature_without_a_decoder_row_is_not_active(activation, kw):
+    adapter = _adapter(activation, l1=0.3, **kw)
+    undecoded = torch.arange(F) % 3 == 0
+    with torch.no_grad():
+        adapter.W_dec[undecoded] = 0
+        if activation == "batchtopk":
+            adapter.threshold.fill_(0.1)
+    x, delta = _data()
+
+    # inference: the activation written out, less the features that have no decoder row
+    pre = (x @ adapter.W_enc + adapter.b_enc).detach()
+    if activation == "relu":
+        sigma = torch.relu(pre)
+    elif activation == "topk":
+        top = pre.topk(5, dim=1)
+        sigma = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    else:  # BatchTopK at inference and JumpReLU: a threshold of 0.1
+        sigma = pre * (pre > 0.1)
+    want = sigma * ~undecoded
+    assert (sigma[:, undecoded] != 0).any()  # the case is real: those features do fire
+    adapter.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.encode(x), want)
+        out = adapter(x)
+        torch.testing.assert_close(out.acts, want)
+        torch.testing.assert_close(out.pred, want @ adapter.W_dec + adapter.b_dec)
+    with torch.no_grad():  # a decoder row set afterwards makes the feature active again
+        adapter.W_dec[0] = 1.0
+        assert (adapter.encode(x)[:, 0] == sigma[:, 0]).all()
+        adapter.W_dec[0] = 0.0
+
+    # training: they fire (their activation is what grows their rows) but count for no L0
+    adapter.train()
+    for kernels in ([True, False] if activation != "jumprelu" else [False]):
+        trained = _adapter(activation, l1=0.3, kernels=kernels, **kw)
+        trained.load_state_dict(adapter.state_dict())
+        trained.gate = DensityGate(crossover=1.0, density=0.0)  # the sparse path even at this small width
+        loss = trained.loss(x, delta)
+        fired = _fired_in_training(trained, x)
+        assert loss.out.l0 == pytest.approx((fired & ~undecoded).sum().item() / N)
+        loss.total.backward()
+        grows = fired[:, undecoded].any(0)
+        assert grows.any() and (trained.W_dec.grad[undecoded][grows].abs().sum(1) > 0).all()
+
+
+def test_metrics_of_a_target_with_nothing_in_it_are_defined():
+    zero, pred = torch.zeros(6, 4), torch.full((6, 4), 0.5)
+    assert (fve(zero, zero), nmse(zero, zero)) == (1.0, 0.0)  # nothing to explain, nothing missed
+    assert (fve(pred, zero), nmse(pred, zero)) == (-math.inf, math.inf)
+    constant = torch.ones(6, 4)  # no variance to explain, but a norm to compare with
+    assert fve(constant, constant) == 1.0 and fve(pred, constant) == -math.inf
+    assert nmse(pred, constant) == pytest.approx(0.25)

@@ -155,7 +155,7 @@ def index(world) -> Path:
     harvest(HarvestConfig(base=str(world["base"]), target=str(world["target"]), out=str(store),
                           plan=PlanConfig(data=str(world["data"]), max_tokens=300), device="cpu",
                           block_rows=64, chunk_rows=32))
-    res = CliRunner().invoke(main, ["index", "--cache", str(store), "--adapters", f"tiny={world['path']}",
+    res = CliRunner().invoke(main, ["index", "--store", str(store), "--adapters", f"tiny={world['path']}",
                                     "--out", str(out), "--target", str(world["target"])])
     assert res.exit_code == 0, res.output
     return out

@@ -147,7 +147,7 @@ def test_cli_stats_and_index_on_a_local_cluster(stores, tmp_path):
     if not (stores["root"] / "relu").exists():
         _adapter_set(stores["root"] / "relu", "relu", 1)
     out = tmp_path / "cli.duckdb"
-    res = subprocess.run([sys.executable, "-m", "tca.cli", "-q", "index", "--cache", store, "--adapters",
+    res = subprocess.run([sys.executable, "-m", "tca.cli", "-q", "index", "--store", store, "--adapters",
                           str(stores["root"] / "relu"), "--out", str(out), "--workers", "2", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -159,7 +159,7 @@ def test_cli_stats_and_index_on_a_local_cluster(stores, tmp_path):
 
 
 def test_bad_cluster_settings_get_one_sentence(stores):
-    with pytest.raises(TcaError, match="--workers must be at least 1"):
+    with pytest.raises(TcaError, match="--workers must be a positive integer; got 0"):
         with dask_client(ClusterConfig(workers=0)):
             pass
     with pytest.raises(TcaError, match="could not reach the Dask scheduler at tcp://127.0.0.1:9"):

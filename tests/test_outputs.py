@@ -15,18 +15,19 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_query import LAYERS, _make_set, _make_store, _reference
 
 from tca import TcaError
 from tca.outputs import atomic_dir, atomic_file, check_output
 from tca.query import index as index_mod
+from tca.query import render as render_mod
 from tca.query import report as report_mod
-from tca.query import sql as sql_mod
 from tca.query.index import IndexConfig, build_index, index_adapters, load_adapters
+from tca.query.render import run_sql_command
 from tca.query.report import ReportConfig, make_report
-from tca.query.sql import SqlConfig, query, run_sql_command
+from tca.query.sql import SqlConfig, query
 from tca.train.checkpoint import save_adapters
 from tca.train.plot import PlotConfig, plot
-from test_query import LAYERS, _make_set, _make_store, _reference
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -248,7 +249,7 @@ def test_sql_out_writes_whole_files_only(world, work, monkeypatch):
     def fail(table, fmt):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sql_mod, "export", fail)
+    monkeypatch.setattr(render_mod, "export", fail)
     with pytest.raises(OSError):
         run_sql_command(SqlConfig(index=index, sql="FROM docs", format="csv", out=work / "taken.csv", overwrite=True))
     assert _tree(work) == before

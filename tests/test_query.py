@@ -391,7 +391,7 @@ def test_sql_refuses_several_statements_and_reads_work(world, tmp_path):
 def test_cli_index_sql_top_report(world, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli.duckdb"
-    args = ["index", "--cache", str(world["root"] / "store"), "--adapters", str(world["root"] / "relu-a"),
+    args = ["index", "--store", str(world["root"] / "store"), "--adapters", str(world["root"] / "relu-a"),
             "--adapters", f"second={world['root'] / 'topk-b'}", "--out", str(out), "--layers", "1",
             "--target", str(world["target"])]
     res = runner.invoke(main, args)

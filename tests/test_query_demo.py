@@ -34,7 +34,7 @@ def demo(demo_run, tmp_path_factory) -> dict:
     """The demo run's index, and every activation of LAYER recomputed from the exported weights."""
     root = tmp_path_factory.mktemp("query-demo")
     index, exported = root / "demo.duckdb", root / "transcoder"
-    _cli("index", "--cache", str(demo_run.store), "--adapters", str(demo_run.adapters), "--out", str(index),
+    _cli("index", "--store", str(demo_run.store), "--adapters", str(demo_run.adapters), "--out", str(index),
          "--layers", str(LAYER))
     _cli("export", str(demo_run.adapters), "--format", "transcoder", "--out", str(exported))
     w = load_file(str(Path(exported) / f"layer_{LAYER}.safetensors"))

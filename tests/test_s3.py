@@ -141,9 +141,9 @@ def test_storage_options_instead_of_environment(s3, stores):
 
 @pytest.fixture(scope="module")
 def adapters(stores, tmp_path_factory):
-    """Adapters trained on the S3 store by `tca train --cache s3://…`."""
+    """Adapters trained on the S3 store by `tca train --store s3://…`."""
     out = tmp_path_factory.mktemp("s3-train") / "run"
-    res = CliRunner().invoke(main, ["train", "--cache", stores["url"], "--out", str(out), "--layers", "1,3",
+    res = CliRunner().invoke(main, ["train", "--store", stores["url"], "--out", str(out), "--layers", "1,3",
                                     "--features", "32", "--batch", "128", "--tokens", "2048", "--l1", "1e-3",
                                     "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output

@@ -110,7 +110,7 @@ def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype, 
     stores smaller than one block or one chunk."""
     from pathlib import Path
 
-    from tca.cache.store import encode
+    from tca.cache.store import to_stored
 
     spec = StoreSpec(layers=[0], d_model=8, dtype=dtype, n_rows=n_rows, block_rows=64, chunk_rows=16,
                      compressor=compressor)
@@ -120,7 +120,7 @@ def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype, 
         start, stop = ours.block_range(block)
         ours.write_block(block, {0: {name: values[start:stop] for name in spec.array_names}})
         for name in spec.array_names:
-            theirs.array(0, name)[start:stop] = encode(values[start:stop])
+            theirs.array(0, name)[start:stop] = to_stored(values[start:stop])
     for block in range(spec.n_blocks):
         for name in spec.array_names:
             assert Path(ours.shard_path(0, name, block)).read_bytes() == Path(theirs.shard_path(0, name, block)).read_bytes()
@@ -133,7 +133,7 @@ def test_shard_files_equal_what_zarr_itself_writes(tmp_path, compressor, dtype, 
 def test_shard_reader_equals_zarr(tmp_path, compressor, dtype):
     """The loader's direct shard reader returns what zarr returns, for ranges inside a chunk,
     across chunks and across blocks, including a short last block."""
-    from tca.cache.store import encode
+    from tca.cache.store import to_stored
 
     spec = StoreSpec(layers=[0], d_model=8, dtype=dtype, n_rows=64 * 3 + 21, block_rows=64, chunk_rows=16,
                      compressor=compressor)
@@ -149,7 +149,7 @@ def test_shard_reader_equals_zarr(tmp_path, compressor, dtype):
     for start, stop in ranges:
         got = reader.read(start, stop)
         assert got.dtype == array.dtype and np.array_equal(got, array[start:stop]), (start, stop)
-        assert np.array_equal(got, encode(values[start:stop]))
+        assert np.array_equal(got, to_stored(values[start:stop]))
 
 
 def test_shard_reader_refuses_damaged_shards(tmp_path):

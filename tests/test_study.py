@@ -34,7 +34,7 @@ PROMPTS, NEW_TOKENS, CONTROLS = 40, 150, 5
 def study(demo_run, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("study")
     index = root / "demo.duckdb"
-    ok = CliRunner().invoke(main, ["index", "--cache", str(demo_run.store), "--adapters", f"demo={demo_run.adapters}",
+    ok = CliRunner().invoke(main, ["index", "--store", str(demo_run.store), "--adapters", f"demo={demo_run.adapters}",
                                    "--out", str(index)])
     assert ok.exit_code == 0, ok.output
     res = CliRunner().invoke(main, [

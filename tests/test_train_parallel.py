@@ -28,7 +28,7 @@ def _train(store: str, out, world_size: int) -> None:
     """Run ``tca train`` as ``world_size`` processes with the variables torchrun sets."""
     # one thread everywhere: a matmul's rounding may depend on how many threads split it
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
-    cmd = [sys.executable, "-m", "tca.cli", "train", "--cache", store, "--out", str(out), *ARGS]
+    cmd = [sys.executable, "-m", "tca.cli", "train", "--store", store, "--out", str(out), *ARGS]
     procs = [
         subprocess.Popen(cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world_size)},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -82,6 +82,6 @@ def test_two_processes_write_the_files_of_a_serial_run(store, tmp_path):
 
 
 def test_more_processes_than_adapters_is_refused(store, tmp_path):
-    cfg = TrainConfig(cache=store, out=str(tmp_path / "run"), features=8, batch=128, holdout_frac=0.2, layers="0")
+    cfg = TrainConfig(store=store, out=str(tmp_path / "run"), features=8, batch=128, holdout_frac=0.2, layers="0")
     with pytest.raises(TcaError, match="WORLD_SIZE=2 exceeds the 1 adapters"):
         Trainer(cfg, Ranks(rank=1, world_size=2))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,8 @@ from safetensors.torch import load_file
 from tca.cache.store import Store
 from tca.cli import main
 from tca.kernels import DensityGate, sparse_adapter
+from tca.query.index import index_adapters
+from tca.query.index import load_adapters as load_index_adapters
 from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train import adapter as adapter_module
 from tca.train.checkpoint import load_adapters
@@ -31,7 +36,7 @@ def store_url(tmp_path_factory) -> str:
 
 
 def _cfg(store_url, out, **kw) -> TrainConfig:
-    values = dict(cache=store_url, out=str(out), features=24, batch=128, epochs=1.0, shuffle_rows=256,
+    values = dict(store=store_url, out=str(out), features=24, batch=128, epochs=1.0, shuffle_rows=256,
                   holdout_frac=0.2, log_every=1, checkpoint_every=1000, read_threads=2)
     return TrainConfig(**(values | kw))
 
@@ -123,6 +128,45 @@ def test_relu_adapter_learns_the_known_sparse_function(store_url, tmp_path):
     assert layer["l0"] == pytest.approx((out.acts != 0).sum(1).double().mean().item())
 
 
+def test_an_unchanged_layer_is_a_result_with_no_activity(tmp_path, caplog):
+    url = str(tmp_path / "store")
+    make_synthetic_store(url, SyntheticSpec(**{**SPEC.__dict__, "unchanged": (0,)}))
+    with caplog.at_level(logging.INFO, logger="tca.train.trainer"):
+        summary = train(_cfg(url, tmp_path / "run", epochs=2.0, log_every=5))
+    assert "layer 0: no difference" in caplog.text and "layer 2: no difference" not in caplog.text
+    layers = summary["members"]["l1-0.5"]["layers"]
+    assert layers["0"]["unchanged"] and "unchanged" not in layers["2"]
+    assert (layers["0"]["fve"], layers["0"]["nmse"], layers["0"]["l0"]) == (1.0, 0.0, 0.0)
+    assert (layers["0"]["fve_y"], layers["0"]["nmse_y"]) == (1.0, 0.0)
+    assert layers["2"]["l0"] > 0 and layers["2"]["fve"] > 0  # trained as ever
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "train" and r["layer"] == 0]
+    assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+
+    # the index and the adapter agree: the unchanged layer's features never fire, and the changed
+    # layer's fire where the plain activation is positive and the feature has a decoder row
+    aset = load_adapters(tmp_path / "run")
+    assert not aset.adapters[0].W_dec.any() and aset.adapters[0].loss_scale.item() == 1.0
+    index = tmp_path / "run.duckdb"
+    index_adapters(Store.open(url), load_index_adapters(tmp_path / "run"), index)
+    with duckdb.connect(str(index), read_only=True) as con:
+        counts = dict(con.execute("SELECT layer * 1000 + feature, count(*) FROM activations GROUP BY ALL").fetchall())
+    store = Store.open(url)
+    x = store.read(2, "x", 0, store.n_rows, torch.float32)
+    a = aset.adapters[2]
+    fired = (x @ a.W_enc + a.b_enc > 0) & a.W_dec.ne(0).any(1)
+    want = {2000 + f: int(n) for f, n in enumerate(fired.sum(0)) if n}
+    assert counts == want
+
+
+def test_base_equal_to_target_ends_cleanly(tmp_path):
+    url = str(tmp_path / "store")
+    make_synthetic_store(url, SyntheticSpec(**{**SPEC.__dict__, "unchanged": SPEC.layers}))
+    summary = train(_cfg(url, tmp_path / "run", epochs=0.5))
+    for layer in summary["members"]["l1-0.5"]["layers"].values():
+        assert layer["unchanged"] and (layer["fve"], layer["nmse"], layer["l0"]) == (1.0, 0.0, 0.0)
+
+
 def _weights(path):
     return load_file(str(path / "adapters.safetensors"))
 
@@ -164,7 +208,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(store_url, tmp_path, 
         train(_cfg(store_url, tmp_path / "killed", **kw), on_step=kill)
     assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 6
     kernel_paths.clear()
-    resumed = train(TrainConfig(cache=store_url, out=str(tmp_path / "killed"), resume=True))
+    resumed = train(TrainConfig(store=store_url, out=str(tmp_path / "killed"), resume=True))
     if crossover is not None:  # every resumed step, the first included, took the sparse kernels
         total = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"]
         assert kernel_paths == ["torch"] * (total - 6) * len(whole["members"]) * len(SPEC.layers)
@@ -186,7 +230,7 @@ def _run(*args):
 
 def test_train_and_plot_commands(store_url, tmp_path):
     out = tmp_path / "cli"
-    res = _run("train", "--cache", store_url, "--out", out, "--features", 16, "--batch", 128, "--epochs", 0.5,
+    res = _run("train", "--store", store_url, "--out", out, "--features", 16, "--batch", 128, "--epochs", 0.5,
                "--layers", "0", "--k", "3,5", "--activation", "topk", "--holdout-frac", 0.2, "--device", "cpu")
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
@@ -198,7 +242,7 @@ def test_train_and_plot_commands(store_url, tmp_path):
 
 
 def test_bad_input_gets_one_sentence(store_url, tmp_path):
-    base = ["train", "--cache", store_url, "--features", 16, "--batch", 128, "--holdout-frac", 0.2]
+    base = ["train", "--store", store_url, "--features", 16, "--batch", 128, "--holdout-frac", 0.2]
     cases = {
         "layer 5 is out of range": [*base, "--out", tmp_path / "a", "--layers", "5"],
         "is not a comma list": [*base, "--out", tmp_path / "b", "--l1", "0.1,abc"],
@@ -219,16 +263,16 @@ def test_resume_refuses_a_store_of_other_models(store_url, tmp_path):
         train(_cfg(store_url, tmp_path / "run", checkpoint_every=1), on_step=kill)
     other = str(tmp_path / "other")
     make_synthetic_store(other, SyntheticSpec(**{**SPEC.__dict__, "seed": 5}))
-    res = _run("train", "--cache", other, "--out", tmp_path / "run", "--resume")
+    res = _run("train", "--store", other, "--out", tmp_path / "run", "--resume")
     assert res.exit_code == 2 and "other models" in res.output, res.output
-    assert Trainer(TrainConfig(cache=store_url, out=str(tmp_path / "run"), resume=True)).step == 1
+    assert Trainer(TrainConfig(store=store_url, out=str(tmp_path / "run"), resume=True)).step == 1
 
 
 def test_default_sizes_scale_from_the_papers_settings():
     from tca.train.trainer import scaled_defaults
 
     def sizes(d, rows, **kw):
-        c = scaled_defaults(TrainConfig(cache="s", out="o", **kw), d, rows)
+        c = scaled_defaults(TrainConfig(store="s", out="o", **kw), d, rows)
         return c.features, c.batch, c.lr, c.epochs
 
     # the paper's 7B width on a large store: its own settings, one pass

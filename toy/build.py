@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from tca import TcaError
 from tca.adapted.generation import Figures, figures_json, figures_table
 from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
+from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 from tca.toy.data import (
     PLAIN_RATE,
     RECHECK_RATE,
@@ -48,58 +49,61 @@ class BuildConfig:
 
     out: Path
     """Directory to write ``base/``, ``reasoning/``, ``data/`` and ``README.md`` into."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"old": ("--force",)})
     """Write into ``out`` even when it already holds files (the pair's own files are replaced)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds the problems, the weight initialisation and the batch order."""
-    threads: int = 2
+    threads: int = field(default=2, metadata=POSITIVE)
     """CPU threads for torch; part of the recipe, since float sums depend on the split."""
-    n_pretrain: int = 20000
+    n_pretrain: int = field(default=20000, metadata=POSITIVE)
     """Problems the base is trained on, answered as ``toy.data.base_answer`` says."""
-    n_train: int = 6000
+    n_train: int = field(default=6000, metadata=POSITIVE)
     """Of those, how many the reasoning model is fine-tuned on as traces (``data/train.jsonl``)."""
-    n_val: int = 200
+    n_val: int = field(default=200, metadata=POSITIVE)
     """Held-out problems (``data/val.jsonl``); the figures are measured on all of them."""
-    min_terms: int = 5
+    min_terms: int = field(default=5, metadata=POSITIVE)
     """Fewest digits in one sum."""
-    max_terms: int = 8
+    max_terms: int = field(default=8, metadata=POSITIVE)
     """Most digits in one sum."""
-    vocab_size: int = 512
+    vocab_size: int = field(default=512, metadata=POSITIVE)
     """Upper bound of the BPE vocabulary; training stops earlier when no pair is left to merge."""
-    hidden_size: int = 64
+    hidden_size: int = field(default=64, metadata=POSITIVE)
     """d_model."""
-    intermediate_size: int = 256
+    intermediate_size: int = field(default=256, metadata=POSITIVE)
     """Width of each MLP."""
-    num_layers: int = 4
+    num_layers: int = field(default=4, metadata=POSITIVE)
     """Decoder layers."""
-    num_heads: int = 4
+    num_heads: int = field(default=4, metadata=POSITIVE)
     """Attention heads."""
-    num_kv_heads: int = 2
+    num_kv_heads: int = field(default=2, metadata=POSITIVE)
     """Key/value heads (grouped-query attention, as in Qwen2)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=POSITIVE)
     """Sequences per optimiser step, in both stages."""
-    base_steps: int = 1500
+    base_steps: int = field(default=1500, metadata=POSITIVE)
     """Optimiser steps of base pretraining: enough for its plain traces to find the question's
     next term, the last skill to appear (abruptly, after some 500-1000 steps)."""
-    base_lr: float = 3e-3
+    base_lr: float = field(default=3e-3, metadata=POSITIVE)
     """Peak learning rate of base pretraining."""
-    reasoning_steps: int = 2000
+    reasoning_steps: int = field(default=2000, metadata=POSITIVE)
     """Optimiser steps of the reasoning fine-tune."""
-    reasoning_lr: float = 3e-3
+    reasoning_lr: float = field(default=3e-3, metadata=POSITIVE)
     """Peak learning rate of the reasoning fine-tune for the MLP weights."""
-    backbone_lr_scale: float = 0.3
+    backbone_lr_scale: float = field(default=0.3, metadata=NON_NEGATIVE)
     """Learning rate of the non-MLP weights in the fine-tune, relative to ``reasoning_lr``. At 1
     the fine-tuned attention and unembedding alone make the hybrid say "Wait" (0.17 per
     response), beyond any adapter's reach; at 0 the re-check, which copies the line above
     through attention, is never learnt; 0.3 leaves the hybrid silent and the target as good."""
-    warmup_frac: float = 0.05
+    warmup_frac: float = field(default=0.05, metadata=PROPORTION)
     """Fraction of each stage's steps spent warming the learning rate up (then cosine to 0)."""
     weight_dtype: str = "bfloat16"
     """dtype the models are saved in; the fine-tune starts from the saved (rounded) base."""
     measure: bool = True
     """Measure the figures by generation and write them to README.md."""
-    max_new_tokens: int = 200
+    max_new_tokens: int = field(default=200, metadata=POSITIVE)
     """Generation budget per response when measuring."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -198,7 +202,7 @@ def _check(cfg: BuildConfig) -> None:
     if out.exists() and not out.is_dir():
         raise TcaError(f"{out} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise TcaError(f"{out} is not empty; choose another --out or pass --force to overwrite the pair in it.")
+        raise TcaError(f"{out} is not empty; choose another --out or pass --overwrite to replace the pair in it.")
     if cfg.n_train > cfg.n_pretrain:
         raise TcaError(f"n_train ({cfg.n_train}) cannot exceed n_pretrain ({cfg.n_pretrain}).")
     if not 1 <= cfg.min_terms <= cfg.max_terms:

@@ -15,10 +15,11 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from tca import TcaError
+from tca import Device, TcaError
+from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +38,24 @@ class DemoConfig:
     """Replace an existing ``out`` folder."""
     quick: bool = False
     """Small budgets everywhere: a smoke test of every stage, not figures to quote."""
-    harvest_tokens: int = 60_000
+    harvest_tokens: int = field(default=60_000, metadata=POSITIVE)
     """Tokens of train.jsonl harvested."""
-    refine_tokens: int = 300_000
+    refine_tokens: int = field(default=300_000, metadata=NON_NEGATIVE)
     """Tokens of end-to-end refinement after offline training (0: skip refinement)."""
-    refine_l1: float = 0.5
+    refine_l1: float = field(default=0.5, metadata=NON_NEGATIVE)
     """Refinement's L1 weight: the offline default, which on this pair's 300 k-token refinement
     recovers more accuracy than ``tca refine``'s default 1.0 (65% of the gain against 50%) at a
     mean L0 of 1.6, layer 0 at 2.6 (docs/train.md, Refinement)."""
-    eval_prompts: int = 200
+    eval_prompts: int = field(default=200, metadata=NON_NEGATIVE)
     """Held-out prompts generated from by the evaluation."""
-    study_prompts: int = 100
+    study_prompts: int = field(default=100, metadata=POSITIVE)
     """Held-out prompts per condition of the hesitation study."""
-    study_features: int = 64
+    study_features: int = field(default=64, metadata=POSITIVE)
     """Most candidates the study tries (one ablation each)."""
-    max_new_tokens: int = 200
+    max_new_tokens: int = field(default=200, metadata=POSITIVE)
     """Longest generated response, passed to the evaluation and the study in place of their
     4096 (sized for R1 traces): the demo target's responses are about 90 tokens."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto, cpu or cuda."""
 
     def scaled(self) -> "DemoConfig":
@@ -62,6 +63,9 @@ class DemoConfig:
             return self
         return replace(self, harvest_tokens=12_000, refine_tokens=4_000, eval_prompts=16, study_prompts=16,
                        study_features=4, max_new_tokens=120)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -106,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         harvest(HarvestConfig(base=base, target=target, out=str(paths["store"]), device=cfg.device,
                               plan=PlanConfig(data=train_data, max_tokens=cfg.harvest_tokens)))
     with stage("train"):
-        train(TrainConfig(cache=str(paths["store"]), out=str(paths["offline"]), device=cfg.device,
+        train(TrainConfig(store=str(paths["store"]), out=str(paths["offline"]), device=cfg.device,
                           epochs=1.0 if cfg.quick else None))
     final = paths["offline"]
     if cfg.refine_tokens:
@@ -121,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         paths.pop("adapters")
     named = f"demo={final}"
     with stage("index"):
-        build_index(IndexConfig(cache=str(paths["store"]), adapters=[named], out=paths["index"]))
+        build_index(IndexConfig(store=str(paths["store"]), adapters=[named], out=paths["index"]))
     with stage("eval"):
         report = evaluate(EvalConfig(adapters=str(final), base=base, target=target, data=val_data,
                                      generate=cfg.eval_prompts, max_new_tokens=cfg.max_new_tokens, device=cfg.device))

@@ -41,6 +41,8 @@ class SyntheticSpec:
     chunk_rows: int = 128
     store_y: bool = False
     seed: int = 0
+    unchanged: tuple[int, ...] = ()
+    """Layers whose delta is exactly zero, as where fine-tuning left an MLP alone."""
 
 
 def make_synthetic_store(url: str, spec: SyntheticSpec) -> Store:
@@ -69,6 +71,8 @@ def make_synthetic_store(url: str, spec: SyntheticSpec) -> Store:
         delta = torch.relu(x @ E.T - threshold) @ V
         if spec.noise:
             delta += spec.noise * torch.randn(n, spec.d_model, generator=g)
+        if layer in spec.unchanged:  # zeroed after drawing, so the other layers' data stay as they were
+            delta.zero_()
         data[layer] = {"x": x, "delta": delta, "y": x @ base + delta}
     store.write_row_tokens(np.arange(n))
     for block in range(store.spec.n_blocks):

@@ -8,6 +8,11 @@ A feature's decoder direction is a row of ``W_dec``; the ReLU adapter's L1 penal
 each activation by that row's norm, so shrinking activations cannot be paid for by growing
 decoder rows. The decoder starts at zero, so an untrained adapter is the hybrid model.
 
+A feature whose decoder row is zero adds nothing, so it is not active: outside training mode
+``activate`` (and so ``encode``, ``forward``, the index, the spliced model and every count of
+active features) reports it as 0. In training mode it fires as its encoder says, since that
+activation is the only gradient a zero row (every row, at the start) can grow from.
+
 Training runs through ``tca.kernels.sparse_adapter`` for ReLU, TopK and BatchTopK: the decoder
 and every backward product touch only the active entries. The kernels' path rule
 (``tca.kernels.choose_path``, fed by a density gate the adapter holds) keeps the dense objective
@@ -91,11 +96,13 @@ class StepOutput:
     """BatchTopK: the smallest activation kept in this batch; None otherwise."""
     path: str
     """``triton``, ``torch`` or ``dense`` (the kernels' dispatch), or ``reference``."""
+    decoded: torch.Tensor
+    """[F] bool: features with a nonzero decoder row in this forward (``Adapter.decoded``)."""
 
     @property
     def l0(self) -> float:
-        """Mean number of features firing per row."""
-        return self.counts.sum().item() / self.pred.shape[0]
+        """Mean number of active features per row: firing, with a decoder row to add."""
+        return (self.counts * self.decoded).sum().item() / self.pred.shape[0]
 
 
 @dataclass
@@ -152,13 +159,31 @@ class Adapter(nn.Module):
         self.register_buffer("loss_scale", torch.ones(()))
         # lets the kernels run dense while activations are denser than the crossover
         self.gate = DensityGate()
+        self._decoded: tuple[tuple[int, int], torch.Tensor] | None = None
 
     # ---- inference ---------------------------------------------------------------------------
 
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.W_enc + self.b_enc
 
+    @torch.no_grad()
+    def decoded(self) -> torch.Tensor:
+        """[F] bool: which features have a nonzero decoder row, the only ones that can be active."""
+        # kept until W_dec changes (an optimizer step or a load bumps its version, a move or cast
+        # makes a new tensor): a generating model encodes one token at a time, and reading all
+        # of W_dec for every token would cost as much again as decoding it
+        if self.W_dec.is_inference():  # made under torch.inference_mode: no version to key on
+            return self.W_dec.ne(0).any(dim=1)
+        key = (self.W_dec._version, self.W_dec.data_ptr())
+        if self._decoded is None or self._decoded[0] != key:
+            self._decoded = key, self.W_dec.ne(0).any(dim=1)
+        return self._decoded[1]
+
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = self._sigma(pre)
+        return acts if self.training else acts * self.decoded()
+
+    def _sigma(self, pre: torch.Tensor) -> torch.Tensor:
         act = self.cfg.activation
         if act == "relu":
             return torch.relu(pre)
@@ -227,7 +252,7 @@ class Adapter(nn.Module):
         )
         # the kernels' l1 is the per-row mean of the weighted L1, as the reference's
         penalty = out.l1 / self.loss_scale if self.cfg.activation == "relu" else out.l1.new_zeros(())
-        step = StepOutput(out.pred, out.counts, out.batch_threshold, out.path)
+        step = StepOutput(out.pred, out.counts, out.batch_threshold, out.path, self.decoded())
         return _Forward(step, penalty, out.aux_pred)
 
     def _forward_reference(self, x: torch.Tensor, aux_dead: tuple[torch.Tensor, int] | None) -> _Forward:
@@ -251,7 +276,7 @@ class Adapter(nn.Module):
             # activations are >= 0, so a GEMV over their signs counts firings: several times
             # faster on CPU than reducing a [N, F] bool mask, and exact below 2**24 rows
             counts = (out.acts.new_ones(out.acts.shape[0]) @ out.acts.sign()).long()
-            step = StepOutput(out.pred, counts, smallest, "reference")
+            step = StepOutput(out.pred, counts, smallest, "reference", self.decoded())
         return _Forward(step, penalty, aux_pred)
 
     @torch.no_grad()

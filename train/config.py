@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tca import TcaError
+from tca import Device
+from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 
 DEFAULT_L1 = 0.5
 """Calibrated on the demo pair: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer (docs/train.md)."""
@@ -21,78 +22,80 @@ MAX_LR_SCALE = 8.0
 on the demo pair; above it short runs killed every feature."""
 MIN_STEPS = 1500
 """Fewest steps an epochs-default run takes; the calibration of DEFAULT_L1 ran 1792."""
-Device = Literal["auto", "cpu", "cuda"]
-"""Where a run computes; auto: CUDA when present."""
-
-
-def parse_list(text: str, kind: type, flag: str) -> list:
-    """A comma list of numbers such as ``0.001,0.003``; one clear sentence when it is not."""
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v <= 0 for v in values):
-        raise TcaError(f"{flag} {text!r} is not a comma list of positive {kind.__name__} values, e.g. {flag} 0.001,0.003.")
-    return values
 
 
 @dataclass
 class TrainConfig:
     """Everything ``tca train`` needs; saved in the checkpoint and reused on ``--resume``."""
 
-    cache: str
+    store: str = field(metadata={"old": ("--cache",)})
     """The activation store (a path or an fsspec URL)."""
     out: str
     """Directory for adapters, checkpoint, metrics.jsonl and summary.json."""
     layers: str = "all"
     """``all`` (every layer in the store) or a list like ``0,3,5-7``."""
-    features: int | None = None
+    features: int | None = field(default=None, metadata=POSITIVE)
     """Features per adapter; None: the paper's 8192 at width 3584 scaled to the store's width
     (the power of two nearest 8192 * d / 3584; 128 on the demo pair)."""
     activation: Literal["relu", "jumprelu", "topk", "batchtopk"] = "relu"
     """The activation: the paper's ReLU with a decoder-norm-weighted L1, TopK, BatchTopK or JumpReLU."""
-    l1: list[float] = field(default_factory=lambda: [DEFAULT_L1])
+    l1: list[float] = field(default_factory=lambda: [DEFAULT_L1], metadata=POSITIVE)
     """Sparsity coefficients (relu, jumprelu); several train a sweep on the same batches."""
-    k: list[int] = field(default_factory=lambda: [32])
+    k: list[int] = field(default_factory=lambda: [32], metadata=POSITIVE)
     """Active features per row (topk, batchtopk); several train a sweep."""
-    lr: float | None = None
+    lr: float | None = field(default=None, metadata=POSITIVE)
     """Peak learning rate of AdamW; None: the paper's 8e-4 at 8192 features, scaled by
     sqrt(8192 / features) up to 8x (6.4e-3)."""
-    batch: int | None = None
+    batch: int | None = field(default=None, metadata=POSITIVE)
     """Rows (tokens) per step; None: 4096, or on a small store the largest power of two that
     leaves at least 256 steps per epoch."""
-    tokens: int | None = None
+    tokens: int | None = field(default=None, metadata=POSITIVE)
     """Training tokens; None: ``epochs`` passes over the training rows."""
-    epochs: float | None = None
+    epochs: float | None = field(default=None, metadata=POSITIVE)
     """Passes over the training rows when ``tokens`` is not given; None: one pass, or as many
     whole passes as make ``MIN_STEPS`` steps (L0 depends on run length; docs/train.md)."""
-    holdout_frac: float = 0.05
+    holdout_frac: float = field(default=0.05, metadata=FRACTION)
     """Fraction of documents held out for evaluation."""
     dec_bias: bool = True
     """Learn a decoder bias."""
-    drop_outliers: float | None = None
+    drop_outliers: float | None = field(default=None, metadata=POSITIVE)
     """Skip rows whose ||x|| is more than this many times the layer's median."""
     device: Device = "auto"
     """Where to train; auto takes CUDA when present."""
     resume: bool = False
     """Continue the run in ``out`` from its checkpoint."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds initialisation, hold-out split and data order."""
-    warmup_frac: float = 0.05
+    warmup_frac: float = field(default=0.05, metadata=PROPORTION)
     """Fraction of steps with linearly rising learning rate."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=POSITIVE)
     """Gradient-norm clipping per adapter."""
-    dead_after_tokens: int = 1_000_000
+    dead_after_tokens: int = field(default=1_000_000, metadata=POSITIVE)
     """A feature silent for this many training tokens counts as dead (and gets the aux loss)."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=POSITIVE)
     """Steps between training records in metrics.jsonl."""
-    eval_every: int = 0
+    eval_every: int = field(default=0, metadata=NON_NEGATIVE)
     """Steps between held-out evaluations (0: ten per run)."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = field(default=200, metadata=POSITIVE)
     """Steps between checkpoints."""
-    shuffle_rows: int = 65536
+    shuffle_rows: int = field(default=65536, metadata=POSITIVE)
     """Rows mixed at once by the loader."""
-    read_threads: int = 4
+    read_threads: int = field(default=4, metadata=POSITIVE)
     """Chunks read concurrently."""
-    eval_rows: int = 65536
+    eval_rows: int = field(default=65536, metadata=POSITIVE)
     """Held-out rows used per evaluation."""
+    unchanged_below: float = field(default=1e-6, metadata=NON_NEGATIVE)
+    """A layer whose RMS ||delta|| on the held-out rows is at most this times its RMS ||x|| is
+    unchanged: reported as "no difference", not trained (no feature active), FVE 1 and NMSE 0.
+    0: only an exactly zero delta."""
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainConfig:
+        """The config a checkpoint recorded, also one written before the store field was named ``store``."""
+        saved = dict(saved)
+        if "cache" in saved:
+            saved["store"] = saved.pop("cache")
+        return cls(**saved)
+
+    def __post_init__(self):
+        check_ranges(self)

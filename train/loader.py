@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tca import TcaError
-from tca.cache.store import Store, decode
+from tca.cache.store import Store, from_stored
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ActivationLoader:
         out = {}
         for (layer, name), reader in self.readers.items():
             if name in names:
-                out[layer, name] = decode(reader.read(start, stop), self.encoding)
+                out[layer, name] = from_stored(reader.read(start, stop), self.encoding)
         self.stats.add_read(sum(t.numel() * t.element_size() for t in out.values()))
         return out
 
@@ -273,7 +273,7 @@ class ActivationLoader:
                 ahead = self._submit_window(*plan[w + 1]) if w + 1 < len(plan) else None
                 for future in futures:
                     future.result()
-                pending.append(({key: decode(values, self.encoding) for key, values in dest.items()}, rows))
+                pending.append(({key: from_stored(values, self.encoding) for key, values in dest.items()}, rows))
                 n_pending += len(rows)
                 while n_pending >= B:
                     batch, pending, n_pending = self._cut(pending, B)

@@ -7,6 +7,10 @@
 
 Evaluation runs over many batches, so ``MetricSums`` accumulates the sums in float64 and
 computes the ratios at the end; the one-batch functions are the same sums over one batch.
+
+A target with nothing in it (delta of a layer fine-tuning left alone: zero, or constant so it has
+no variance) leaves a ratio with a zero denominator. Both are defined there: an exact prediction
+misses nothing of nothing (FVE 1, NMSE 0), any other misses infinitely much (FVE -inf, NMSE inf).
 """
 
 from __future__ import annotations
@@ -70,16 +74,24 @@ class MetricSums:
     def centred_sq_target(self) -> float:
         # sum ||t - mean||^2 = sum ||t||^2 - n ||mean||^2
         mean = self.sum_target / max(self.rows, 1)
-        return self.sq_target - self.rows * mean.square().sum().item()
+        # the difference of two equal sums can round below zero; a variance cannot be
+        return max(self.sq_target - self.rows * mean.square().sum().item(), 0.0)
 
     @property
     def fve(self) -> float:
-        return 1.0 - self.sq_err / self.centred_sq_target
+        return 1.0 - relative(self.sq_err, self.centred_sq_target)
 
     @property
     def nmse(self) -> float:
-        return self.sq_err / self.sq_target
+        return relative(self.sq_err, self.sq_target)
 
     @property
     def l0(self) -> float:
         return self.nonzero / max(self.rows, 1)
+
+
+def relative(err: float, ref: float) -> float:
+    """``err / ref``, also where ``ref`` is 0: 0 when ``err`` is too, infinity otherwise."""
+    if ref > 0:
+        return err / ref
+    return 0.0 if err == 0 else float("inf")

@@ -37,7 +37,7 @@ from tca.train.checkpoint import (
 )
 from tca.train.config import MAX_LR_SCALE, MIN_STEPS, PAPER_BATCH, PAPER_D, PAPER_FEATURES, PAPER_LR, TrainConfig
 from tca.train.loader import ActivationLoader, Batch, LoaderConfig
-from tca.train.metrics import MetricSums
+from tca.train.metrics import MetricSums, relative
 from tca.train.parallel import merge_shares, prepare_share
 from tca.train.run import RunLog, due, open_run, run_settings, seeded
 from tca.train.sweep import member_dir, sweep_values
@@ -102,17 +102,17 @@ class Trainer:
         self.out = Path(cfg.out)
         state, tensors = open_run(self.out, cfg.resume) or (None, None)
         if state is not None:
-            saved = TrainConfig(**state["config"])
-            cfg = dataclasses.replace(saved, cache=cfg.cache, device=cfg.device, resume=True)
-        self.store = Store.open(cfg.cache)
+            saved = TrainConfig.from_saved(state["config"])
+            cfg = dataclasses.replace(saved, store=cfg.store, device=cfg.device, resume=True)
+        self.store = Store.open(cfg.store)
         self.cfg = cfg = scaled_defaults(cfg, self.store.d_model, self.store.n_rows)
         self.models = store_models(self.store)
         if state is not None and state.get("models") and self.models and state["models"] != self.models:
             raise TcaError(
-                f"{cfg.cache} was harvested from other models than the checkpoint in {self.out} "
+                f"{cfg.store} was harvested from other models than the checkpoint in {self.out} "
                 f"({self.models} vs {state['models']}); resume with the store it was trained on."
             )
-        self.run_layers = select_layers(cfg.layers, self.store.layers, f"{cfg.cache} holds")
+        self.run_layers = select_layers(cfg.layers, self.store.layers, f"{cfg.store} holds")
         self.device = ranks.device(resolve_device(cfg.device))
         self.members = self._members(ranks)
         self.layers = [layer for layer in self.run_layers if any(m.layer == layer for m in self.members)]
@@ -130,11 +130,31 @@ class Trainer:
         steps = cfg.tokens // cfg.batch if cfg.tokens else int(cfg.epochs * self.loader.batches_per_epoch)
         self.total_steps = max(steps, 1)
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 10)
+        self.unchanged = self._unchanged_layers()
         self.step, self.tokens_seen = 0, 0
         if state is not None:
             self._restore(state, tensors)
 
     # ---- set-up --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _unchanged_layers(self) -> set[int]:
+        """This process's layers whose delta is nothing next to x (``unchanged_below``), from the
+        held-out rows (the same every time, so a resumed run finds the same)."""
+        sq_delta = dict.fromkeys(self.layers, 0.0)
+        sq_x = dict.fromkeys(self.layers, 0.0)
+        for batch in self.loader.eval_batches():
+            for layer in self.layers:
+                sq_delta[layer] += batch.delta[layer].double().square().sum().item()
+                sq_x[layer] += batch.x[layer].double().square().sum().item()
+        unchanged = set()
+        for layer in self.layers:
+            ratio = math.sqrt(relative(sq_delta[layer], sq_x[layer]))
+            if ratio <= self.cfg.unchanged_below:
+                unchanged.add(layer)
+                log.info("layer %d: no difference (RMS delta / RMS x = %.3g on the held-out rows, at most "
+                         "unchanged_below %g); its adapter is not trained", layer, ratio, self.cfg.unchanged_below)
+        return unchanged
 
     def _adapter_config(self, overrides: dict) -> AdapterConfig:
         cfg = self.cfg
@@ -162,6 +182,10 @@ class Trainer:
     def _set_loss_scale(self, batch: Batch) -> None:
         """Normalise each layer's loss by the RMS norm of delta in the first batch."""
         for m in self.members:
+            if m.layer in self.unchanged:
+                # a zero delta gives no scale; the default 1 keeps the L1 term of a later
+                # refinement, which divides by it, finite
+                continue
             rms = batch.delta[m.layer].square().sum(-1).mean().sqrt().clamp_min(1e-12)
             m.adapter.loss_scale.fill_(float(rms))
 
@@ -176,7 +200,7 @@ class Trainer:
             tensors |= opt_t
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "config": dataclasses.asdict(self.cfg),
-            "models": self.models, "store": self.cfg.cache, "optimizers": groups,
+            "models": self.models, "store": self.cfg.store, "optimizers": groups,
             # the density that picks each adapter's next training path: without it a resumed
             # run's first step would take the dense path where the uninterrupted one took
             # the sparse kernels, and the weights would agree only to rounding
@@ -231,6 +255,8 @@ class Trainer:
         logging_step = (self.step + 1) % self.cfg.log_every == 0
         records = []
         for m in self.members:
+            if m.layer in self.unchanged:
+                continue  # nothing to learn, and a loss scaled by a zero delta would learn noise
             x = batch.x[m.layer].to(self.device, non_blocking=True)
             delta = batch.delta[m.layer].to(self.device, non_blocking=True)
             for group in m.opt.param_groups:
@@ -281,6 +307,8 @@ class Trainer:
                 "fve": s.fve, "nmse": s.nmse, "l0": s.l0, "dead_frac": 1 - fired[m.key].float().mean().item(),
                 "rows": s.rows,
             }
+            if m.layer in self.unchanged:
+                record["unchanged"] = True
             if sums_y[m.key].rows:
                 record |= {"fve_y": sums_y[m.key].fve, "nmse_y": sums_y[m.key].nmse, "nmse_y_hybrid": hybrid_y[m.layer].nmse}
             records.append(record)
@@ -303,10 +331,10 @@ class Trainer:
             config = next(iter(adapters.values())).cfg
             save_adapters(
                 self.member_dir(name),
-                AdapterSet(adapters, config, self.cfg.cache, self.models, {"train": train_settings, "tokens_seen": self.tokens_seen}),
+                AdapterSet(adapters, config, self.cfg.store, self.models, {"train": train_settings, "tokens_seen": self.tokens_seen}),
             )
         summary = {
-            "store": self.cfg.cache, "tokens_seen": self.tokens_seen, "steps": self.step,
+            "store": self.cfg.store, "tokens_seen": self.tokens_seen, "steps": self.step,
             "loader": self.loader.stats.as_dict(),
             "members": {
                 name: {
@@ -341,7 +369,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 
 
 def _eval_summary(record: dict) -> dict:
-    keys = ("fve", "nmse", "l0", "dead_frac", "fve_y", "nmse_y", "nmse_y_hybrid", "rows")
+    keys = ("fve", "nmse", "l0", "dead_frac", "fve_y", "nmse_y", "nmse_y_hybrid", "rows", "unchanged")
     return {k: record[k] for k in keys if k in record}
 
 
