@@ -21,6 +21,7 @@ model, so the adapted and hybrid models differ exactly by the spliced adapters.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.splice import adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.data import read_records, turns_of
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.ranges import NON_NEGATIVE, POSITIVE, at_least, check_ranges
 from tca.train.metrics import next_token_kl
 
@@ -81,6 +83,9 @@ class EvalConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     layers: str = "all"
     """Which of the set's layers to splice: ``all`` or a list like ``0,3,5-7``."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in the report."""
 
     def __post_init__(self):
         check_ranges(self)
@@ -126,6 +131,8 @@ class EvalReport:
     dtype: str
     device: str
     faithfulness: Faithfulness
+    threads: int
+    """torch threads on the CPU (``EvalConfig.threads``)."""
     behaviour: dict[str, Figures] | None = None
     """Figures of ``target``, ``hybrid`` and ``adapted`` (None without ``generate``)."""
     recovery: Recovery | None = None
@@ -247,13 +254,13 @@ def behaviour(
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def prompt_records(path: str | Path, n: int) -> list[dict]:
-    """The first ``n`` conversation records of a JSONL or Parquet file, as ``{"conversations": [user,
-    assistant?]}`` (the schema of ``tca.adapted.generation.score``); text records are skipped."""
+def conversation_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, record) of each conversation of a JSONL or Parquet file that has a user turn, in file
+    order, as ``{"conversations": [user, assistant?]}`` (the schema of ``generation.score``) with the
+    record's ``id`` when it has one; text records are skipped."""
     path = Path(path)
     if not path.is_file():
         raise TcaError(f"data file {path} does not exist.")
-    out = []
     for line, record in read_records(path):
         if "conversations" not in record and "messages" not in record:
             continue
@@ -263,14 +270,18 @@ def prompt_records(path: str | Path, n: int) -> list[dict]:
             continue
         reply = next((c for r, c in turns if r == "assistant"), None)
         conv = [{"from": "user", "value": user}] + ([{"from": "assistant", "value": reply}] if reply else [])
-        out.append({"conversations": conv})
-        if len(out) == n:
-            break
+        yield line, {"conversations": conv} | ({"id": record["id"]} if "id" in record else {})
+
+
+def prompt_records(path: str | Path, n: int) -> list[dict]:
+    """The first ``n`` conversation records of ``path`` (``conversation_records``)."""
+    out = [record for _, record in itertools.islice(conversation_records(path), n)]
     if not out:
         raise TcaError(f"{path} holds no conversation with a user turn to generate from.")
     return out
 
 
+@command_threads
 def evaluate(cfg: EvalConfig) -> EvalReport:
     """Load the adapted model once and measure its faithfulness (and behaviour) against the target."""
     check_words(cfg.words)
@@ -285,7 +296,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     device = next(model.parameters()).device
     log.info("spliced %d adapters (layers %s) into %s on %s in %s", len(layers), layers, cfg.target, device, dtype)
     faith = kl_and_nmse(model, batches)
-    report = EvalReport(str(cfg.adapters), layers, dtype, str(device), faith)
+    report = EvalReport(str(cfg.adapters), layers, dtype, str(device), faith, cfg.threads)
     if records is not None:
         report.behaviour = behaviour(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens,
                                      batch_size=cfg.gen_batch, words=cfg.words)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,23 +131,6 @@ class RowBlock:
     """Global token index of each row (an index into ``tokens.parquet``)."""
     arrays: dict[str, torch.Tensor]
     """``x``, ``delta`` (and ``y``) as ``[stop - start, d_model]`` tensors."""
-
-
-def parse_storage_options(text: str | None) -> dict:
-    """fsspec options given as a JSON object (``--storage-options``); empty when not given.
-
-    Without options, s3fs takes credentials and endpoint from the standard environment
-    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, …).
-    """
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TcaError(f"--storage-options is not valid JSON ({exc.msg} at character {exc.pos}).") from None
-    if not isinstance(options, dict):
-        raise TcaError('--storage-options must be a JSON object, such as {"endpoint_url": "http://127.0.0.1:9000"}.')
-    return options
 
 
 def _split_url(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -50,12 +50,12 @@ import torch
 from tca import Device, ModelDtype, TcaError
 from tca.adapted.attribute import adapter_name, attribute
 from tca.adapted.batches import TokenBatch, token_batches
+from tca.adapted.evaluate import conversation_records, prompt_records
 from tca.adapted.evaluate import mode as computing_as
-from tca.adapted.evaluate import prompt_records
 from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.intervene import forward_logits, predicted_positions, single_token_ids
 from tca.adapted.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
-from tca.cache.data import read_records, turns_of
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.query import stats
 from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
@@ -143,6 +143,9 @@ class StudyConfig:
     """``auto``, ``cpu`` or ``cuda``."""
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds the random control sets."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in study.json."""
 
     def __post_init__(self):
         check_ranges(self)
@@ -293,6 +296,8 @@ class StudyReport:
     fraction_of_features: float
     per_prompt: dict[str, Outcomes]
     """Every verdict condition (controls as ``control 1`` …) prompt by prompt."""
+    threads: int
+    """torch threads on the CPU (``StudyConfig.threads``)."""
 
 
 # ---- the two parts ------------------------------------------------------------------------------
@@ -300,18 +305,10 @@ class StudyReport:
 
 def conversations(path: str | Path) -> list[tuple[Doc, dict]]:
     """The records of ``path`` that have a question (user turn), in file order, with their ``Doc``."""
-    path = Path(path)
-    if not path.is_file():
-        raise TcaError(f"data file {path} does not exist.")
     out = []
-    for line, record in read_records(path):
-        if "conversations" not in record and "messages" not in record:
-            continue
-        user = next((c for r, c in turns_of(record, path, line) if r == "user"), None)
-        if user is None:
-            continue
+    for line, record in conversation_records(path):
         rid = record.get("id")
-        key = hashlib.sha256(user.encode("utf-8")).hexdigest()
+        key = hashlib.sha256(record["conversations"][0]["value"].encode("utf-8")).hexdigest()
         out.append((Doc(line, None if rid is None else str(rid), key), record))
     return out
 
@@ -435,6 +432,7 @@ def _word_mass(model, batches: list[TokenBatch], word_ids: list[int], positions:
     return mass, count
 
 
+@command_threads
 def hesitation_study(cfg: StudyConfig) -> StudyReport:
     """Run the study and write its report into ``cfg.out``."""
     check_words(cfg.words)
@@ -581,7 +579,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
         sufficient=bool(chosen) and stats.sufficiency_rule(added, conditions["target"]["hesitations"].value, thresholds),
         hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
-        fraction_of_features=len(hesitation) / total, per_prompt=per_prompt,
+        fraction_of_features=len(hesitation) / total, per_prompt=per_prompt, threads=cfg.threads,
     )
     write_study(report, cfg)
     return report
