@@ -462,5 +462,39 @@ def plot_cmd(cfg) -> None:
     click.echo(f"wrote {plot(cfg)}")
 
 
+
+@config_command(main, "census", "tca.query.census:CensusConfig", arguments=("index",))
+@json_option
+def census_cmd(cfg, as_json) -> None:
+    """Classify every feature from the index alone (no language model): hesitation, think, answer or other.
+
+    A feature is reasoning-related when at least --min-hesitation of its activations sit just before
+    (or on) a hesitation word, or when it fires at least --min-region-ratio times as often per token
+    inside <think> (or the answer) as outside, the same token types compared; features with fewer
+    than --min-active activations stay unclassified. The macros census() and census_summary() give
+    the same figures in SQL (docs/query.md, Census).
+    """
+    from tca.query.census import census_json, run_census
+
+    report = run_census(cfg)
+
+    def render(d: dict) -> None:
+        click.echo(f"{'layer':>5} {'live':>6} {'classed':>7} {'hesitation':>10} {'think':>6} {'answer':>6} "
+                   f"{'other':>6}  reasoning-related")
+        for r in d["layers"] + [d["total"]]:
+            share = "n/a" if r["reasoning_share"] is None else (
+                f"{r['reasoning_share']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]")
+            k = r["kinds"]
+            click.echo(f"{'all' if r['layer'] is None else r['layer']:>5} {r['n_live']:>6} {r['n_classified']:>7} "
+                       f"{k['hesitation']:>10} {k['think']:>6} {k['answer']:>6} {k['other']:>6}  "
+                       f"{r['n_reasoning']} ({share})")
+        click.echo(f"words {', '.join(d['words'])}; {d['rule']} "
+                   f"({', '.join(f'{k} {v:g}' for k, v in d['criteria'].items())}); {d['seconds']:.2f}s")
+        if d["out"]:
+            click.echo(f"wrote {d['out']}")
+
+    emit(census_json(report), as_json, render)
+
+
 if __name__ == "__main__":
     main()

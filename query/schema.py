@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import duckdb
 
+from tca.query import census
+
 SCHEMA_VERSION = 1
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -228,3 +230,4 @@ def install(con: duckdb.DuckDBPyConnection) -> None:
         "INSERT OR REPLACE INTO index_meta VALUES ('schema_version', ?), ('quantiles', ?)",
         [str(SCHEMA_VERSION), ",".join(map(str, QUANTILES))],
     )
+    census.install(con)  # the census macros (tca census) belong to every index
