@@ -88,9 +88,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 def demo_cmd(cfg, as_json) -> None:
     """The whole pipeline on the shipped demo pair: harvest, train, refine, index, eval, study.
 
-    About 5 minutes on 2 CPU cores. Everything lands in --out: the store, the offline and the
-    refined adapters, the index, eval.json and the hesitation study (study/study.md).
+    About 5 minutes on 2 CPU cores per seed. Everything lands in --out: the store, the offline and
+    the refined adapters, the index, eval.json and the hesitation study (study/study.md); with
+    --seeds N each seed's in --out/seed-S/, and stability.md compares the seeds.
     """
+    from pathlib import Path
+
     from tca.adapted.generation import Figures, figures_table
     from tca.toy.demo import run_demo
 
@@ -100,20 +103,25 @@ def demo_cmd(cfg, as_json) -> None:
         ev, st = d["eval"], d["study"]
         faith, rec = ev["faithfulness"], ev.get("recovery") or {}
         click.echo(f"stages (s): {', '.join(f'{k} {v:g}' for k, v in d['seconds'].items())}")
-        click.echo(f"KL(target || hybrid) {faith['kl_hybrid']:.3f}, KL(target || adapted) {faith['kl_adapted']:.3f}: "
-                   f"gap closed {faith['fraction_closed']:.1%}")
-        if ev.get("behaviour"):
-            b = ev["behaviour"]
-            click.echo(figures_table({name: Figures(**f) for name, f in b.items()}))
-            gain = rec.get("accuracy_gain_recovered")
-            click.echo(f"accuracy gain recovered {'n/a' if gain is None else f'{gain:.0%}'}, "
-                       f"length adapted/target {rec.get('length_ratio') or 0:.2f}")
-        chosen = len(st["hesitation_features"])
-        click.echo(f"hesitation features: {chosen} ({st['fraction_of_features']:.2%} of {st['total_features']}); "
-                   f"necessary {'yes' if st['necessary'] else 'no'}, sufficient {'yes' if st['sufficient'] else 'no'}")
+        if len(d["seeds"]) > 1:
+            # the table itself is the comparison; the first seed's figures would read as the result
+            click.echo(Path(d["paths"]["stability"]).read_text())
+        else:
+            click.echo(f"KL(target || hybrid) {faith['kl_hybrid']:.3f}, KL(target || adapted) {faith['kl_adapted']:.3f}: "
+                       f"gap closed {faith['fraction_closed']:.1%}")
+            if ev.get("behaviour"):
+                b = ev["behaviour"]
+                click.echo(figures_table({name: Figures(**f) for name, f in b.items()}))
+                gain = rec.get("accuracy_gain_recovered")
+                click.echo(f"accuracy gain recovered {'n/a' if gain is None else f'{gain:.0%}'}, "
+                           f"length adapted/target {rec.get('length_ratio') or 0:.2f}")
+            chosen = len(st["hesitation_features"])
+            click.echo(f"hesitation features: {chosen} ({st['fraction_of_features']:.2%} of {st['total_features']}); "
+                       f"necessary {'yes' if st['necessary'] else 'no'}, sufficient {'yes' if st['sufficient'] else 'no'}")
         for name, path in d["paths"].items():
             click.echo(f"  {name:<9} {path}")
-        click.echo(f"  report    {d['paths']['study']}/study.md")
+        if len(d["seeds"]) == 1:
+            click.echo(f"  report    {d['paths']['study']}/study.md")
 
     emit(dataclasses.asdict(result), as_json, render)
 
@@ -279,6 +287,10 @@ def train_cmd(cfg, as_json: bool) -> None:
     def render(d: dict) -> None:
         for name, member in d["members"].items():
             for layer, m in member["layers"].items():
+                if m.get("unchanged"):
+                    click.echo(f"{name:<10} layer {layer:>3}  no difference (delta below --unchanged-below): "
+                               f"no adapter activity  -> {member['path']}")
+                    continue
                 click.echo(f"{name:<10} layer {layer:>3}  FVE {m['fve']:.3f}  NMSE {m['nmse']:.4f}  "
                            f"L0 {m['l0']:.1f}  dead {m['dead_frac']:.1%}  -> {member['path']}")
         click.echo(f"{d['tokens_seen']} tokens; loader mixing {d['loader']['mixing']:.2f} of ideal")
@@ -494,6 +506,65 @@ def census_cmd(cfg, as_json) -> None:
             click.echo(f"wrote {d['out']}")
 
     emit(census_json(report), as_json, render)
+
+
+
+@config_command(main, "explain", "tca.query.explain:ExplainConfig", arguments=("index",))
+@json_option
+@click.pass_context
+def explain_cmd(ctx, cfg, as_json) -> None:
+    """Explain features with a language model; score the explanations and classify them (into INDEX).
+
+    Any OpenAI-compatible chat endpoint (vLLM, an API; the key from --api-key-env) reads each
+    feature's examples and writes one sentence into INDEX's explanations table. --score has a judge
+    pick the active ones among held-out excerpts (balanced accuracy and its 95% interval); --classify
+    sorts each explanation into hesitation, planning, answer_formatting (reasoning-related) or other.
+    A rerun asks only for what is missing, so a killed run resumes; --dry-run writes the requests as
+    batch-API JSONL and --import loads the answers (docs/explain.md). Exit status 1 when a request
+    still failed after its retries (a rerun asks again).
+    """
+    from tca.query.explain import explain, summary_json
+
+    summary = explain(cfg)
+
+    def render(d: dict) -> None:
+        for stage, s in d["stages"].items():
+            answered = ", ".join(f"{k} {v}" for k, v in sorted(s["answered"].items())) or "nothing asked"
+            verb = "written" if d["dry_run"] else "answered"
+            click.echo(f"{stage:<9} {s['pending']} to ask ({s['already']} already answered): {verb} {answered}; "
+                       f"about {s['est_prompt_tokens']:,} prompt tokens"
+                       + (f", endpoint counted {s['prompt_tokens']:,} + {s['completion_tokens']:,}"
+                          if s["prompt_tokens"] else ""))
+        for r in d["census"]:
+            score = "n/a" if r["mean_detection"] is None else f"{r['mean_detection']:.2f}"
+            share = "n/a" if r["reasoning_share"] is None else f"{r['reasoning_share']:.1%}"
+            click.echo(f"layer {'all' if r['layer'] is None else r['layer']:>3}: {r['n_explained']} explained, "
+                       f"{r['n_scored']} scored (mean balanced accuracy {score}), {r['n_classified']} classified, "
+                       f"{r['n_reasoning']} reasoning-related ({share})")
+        if d["dry_run"]:
+            click.echo(f"wrote the requests to {d['dry_run']}; nothing was sent")
+        if d["refused_lines"]:
+            click.echo(f"skipped {d['refused_lines']} imported lines (see the warning)")
+
+    emit(summary_json(summary), as_json, render)
+    if summary.errors:
+        click.echo(f"{summary.errors} requests failed after their retries; run the command again to retry them.",
+                   err=True)
+        ctx.exit(1)
+
+
+@config_command(main, "serve", "tca.toy.serve:ServeConfig")
+def serve_cmd(cfg) -> None:
+    """A local OpenAI-compatible chat endpoint on 127.0.0.1 for tca explain: a Hugging Face model, or a judge.
+
+    --oracle INDEX answers detection prompts from the index's true activations (a judge that knows);
+    --random-judge guesses. It stops by itself after --max-requests, --lifetime or --idle.
+    """
+    from tca.toy.serve import make_server
+
+    server = make_server(cfg)
+    click.echo(f"serving {server.backend.name} at {server.url} (chat completions at {server.url}/chat/completions)")
+    server.serve()
 
 
 if __name__ == "__main__":

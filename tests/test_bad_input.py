@@ -207,3 +207,11 @@ def test_base_equal_to_target_warns_in_one_line(world, tmp_path):
     assert warnings == ["the base and target MLP weights are identical in every selected layer, so every delta is 0: "
                         "is --base the same model as --target?"], res.output
     assert (tmp_path / "same" / "zarr.json").is_file()
+    # and training on it ends cleanly, every layer reported as unchanged
+    res = CliRunner().invoke(main, ["train", "--store", str(tmp_path / "same"), "--out", str(tmp_path / "run"),
+                                    "--features", "8", "--batch", "8", "--tokens", "64", "--holdout-frac", "0.3",
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    logged = [line for line in res.output.splitlines() if line.startswith("layer ") and "no difference" in line]
+    shown = [line for line in res.output.splitlines() if "no difference (delta below --unchanged-below)" in line]
+    assert len(logged) == len(shown) == 4, res.output  # the tiny pair's four layers, in the log and the result
