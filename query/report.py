@@ -17,7 +17,7 @@ from tca import TcaError
 from tca.outputs import atomic_dir, atomic_file, check_output
 from tca.query.render import visible
 from tca.query.sql import connect, run_sql
-from tca.query.view import FeatureView, feature_view
+from tca.query.view import FeatureView, feature_view, has_explanations
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,14 @@ def write_all(index: Path, out_dir: Path, adapter: str | None = None, layer: int
     con = connect(index)
     try:
         with atomic_dir(out_dir) as tmp:
+            columns, join = _EXPLAINED if has_explanations(con) else ("", "")
             live = run_sql(
                 con,
-                """SELECT adapter, layer, feature, n_active, frequency, max, top_logits FROM features
-                   WHERE adapter = resolve_adapter($adapter) AND ($layer IS NULL OR layer = $layer) AND n_active > 0
-                   ORDER BY layer, n_active DESC, feature""",
+                f"""SELECT f.adapter, f.layer, f.feature, f.n_active, f.frequency, f.max, f.top_logits{columns}
+                   FROM features f {join}
+                   WHERE f.adapter = resolve_adapter($adapter) AND ($layer IS NULL OR f.layer = $layer)
+                     AND f.n_active > 0
+                   ORDER BY f.layer, f.n_active DESC, f.feature""",
                 {"adapter": adapter, "layer": layer},
             ).to_pylist()
             for row in tqdm(live, desc="report", unit="page"):
@@ -109,6 +112,12 @@ def write_all(index: Path, out_dir: Path, adapter: str | None = None, layer: int
         con.close()
     log.info("wrote %d feature pages to %s", len(live), out_dir)
     return out_dir / "index.html"
+
+
+_EXPLAINED = (", e.explanation, e.status, e.detection, e.detection_lo, e.detection_hi, e.detection_status, "
+              "e.class, e.reasoning_related, e.class_status",
+              "LEFT JOIN explanations e ON e.adapter = f.adapter AND e.layer = f.layer AND e.feature = f.feature")
+"""Columns and join that add ``tca explain``'s answers to the index page."""
 
 
 def _page_name(layer: int, feature: int) -> str:
@@ -183,6 +192,7 @@ def feature_html(view: FeatureView, back: str | None = None) -> str:
     )
     nav = f'<p><a href="{escape(back)}">← all features</a></p>' if back else ""
     body = f"""{nav}<h1>{escape(title)}</h1>
+{_explanation_html(view.explanation)}
 <table>{stat_rows}</table>
 <h2>Logit lens</h2>
 <p>Promotes: {_tokens(s["top_logits"])}</p>
@@ -196,13 +206,51 @@ def feature_html(view: FeatureView, back: str | None = None) -> str:
     return _page(title, body)
 
 
+def _score(row: dict) -> str:
+    """A detection score with its interval, or why there is none."""
+    if row.get("detection") is None:
+        return row.get("detection_status") or "not scored"
+    return f"{row['detection']:.2f} [{row['detection_lo']:.2f}, {row['detection_hi']:.2f}]"
+
+
+def _kind(row: dict) -> str:
+    if row.get("class") is None:
+        return row.get("class_status") or "not classified"
+    return row["class"] + (" (reasoning-related)" if row["reasoning_related"] else "")
+
+
+def _explanation_html(row: dict | None) -> str:
+    """The explanation ``tca explain`` stored, its detection score and its class."""
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return f"<p><em>No explanation: the model's answer was {escape(row['status'])}.</em></p>"
+    judged = (f" on {row['detection_n']} held-out excerpts, judge {escape(str(row['judge_model']))}"
+              if row.get("detection") is not None else "")
+    return (f'<p class="explanation"><strong>Explanation</strong> ({escape(str(row["model"]))}): '
+            f"{escape(row['explanation'])}</p>\n"
+            f"<p>Detection, balanced accuracy [95% interval]: {escape(_score(row))}{judged}. "
+            f"Kind: {escape(_kind(row))}.</p>")
+
+
 def _index_html(adapter: str, rows: list[dict]) -> str:
+    explained = any("status" in r for r in rows)
+
+    def answers(r: dict) -> str:
+        if not explained:
+            return ""
+        if r["status"] is None:  # not explained (yet)
+            return "<td></td>" * 3
+        text = r["explanation"] if r["status"] == "ok" else (r["status"] or "")
+        return f"<td>{escape(text or '')}</td><td>{escape(_score(r))}</td><td>{escape(_kind(r))}</td>"
+
     items = "".join(
         f'<tr><td class="num">{r["layer"]}</td><td class="num"><a href="{_page_name(r["layer"], r["feature"])}">'
         f'{r["feature"]}</a></td><td class="num">{r["n_active"]}</td><td class="num">{r["frequency"]:.3%}</td>'
-        f'<td class="num">{r["max"]:.3g}</td><td>{_tokens((r["top_logits"] or [])[:5])}</td></tr>'
+        f'<td class="num">{r["max"]:.3g}</td><td>{_tokens((r["top_logits"] or [])[:5])}</td>{answers(r)}</tr>'
         for r in rows
     )
+    extra = "<th>explanation</th><th>detection</th><th>kind</th>" if explained else ""
     body = (f"<h1>{escape(adapter)}: {len(rows)} live features</h1><table><tr><th>layer</th><th>feature</th>"
-            f"<th>active</th><th>frequency</th><th>max</th><th>promotes</th></tr>{items}</table>")
+            f"<th>active</th><th>frequency</th><th>max</th><th>promotes</th>{extra}</tr>{items}</table>")
     return _page(f"{adapter} features", body)

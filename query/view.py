@@ -25,6 +25,8 @@ class FeatureView:
     """Rows of ``region_profile``."""
     histogram: list[tuple[float, float, int]]
     """(low, high, count) of equal-width bins from 0 to the feature's max."""
+    explanation: dict | None = None
+    """Its row of ``explanations`` (``tca explain``), if it has one."""
 
 
 def feature_view(
@@ -53,7 +55,23 @@ def feature_view(
     ).to_pylist()
     regions = run_sql(con, f"FROM region_profile({macro_args})", where).to_pylist()
     return FeatureView(stats["adapter"], layer, feature, stats, examples, regions,
-                       _histogram(con, where | {"adapter": stats["adapter"]}, stats["max"], n_bins))
+                       _histogram(con, where | {"adapter": stats["adapter"]}, stats["max"], n_bins),
+                       explanation_row(con, stats["adapter"], layer, feature))
+
+
+def explanation_row(con: duckdb.DuckDBPyConnection, adapter: str, layer: int, feature: int) -> dict | None:
+    """A feature's row of ``explanations``; None when it has none or the index has no such table."""
+    if not has_explanations(con):
+        return None
+    rows = run_sql(con, "SELECT * FROM explanations WHERE adapter = $adapter AND layer = $layer AND feature = $feature",
+                   {"adapter": adapter, "layer": layer, "feature": feature}).to_pylist()
+    return rows[0] if rows else None
+
+
+def has_explanations(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``tca explain`` has written into this index."""
+    return bool(run_sql(con, "SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'explanations'"
+                        )["n"][0].as_py())
 
 
 def _histogram(con, where: dict, top: float | None, n_bins: int) -> list[tuple[float, float, int]]:
