@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ class ChatClient:
             wait = None
             try:
                 request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _opener(self.url).open(request, timeout=self.timeout) as response:
                     payload = response.read()
                 return parse_answer(payload, attempt + 1)
             except urllib.error.HTTPError as exc:
@@ -118,6 +119,15 @@ class ChatClient:
                 log.debug("retrying in %.1fs after %s", delay, last)
                 time.sleep(delay)
         return Answer(None, error=f"gave up after {self.retries + 1} tries: {last}", tries=self.retries + 1)
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener, without the environment's HTTP proxy for a server on this machine (a proxy
+    elsewhere cannot reach it)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
 
 
 def parse_answer(payload: bytes, tries: int) -> Answer:

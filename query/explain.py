@@ -34,8 +34,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,6 +227,7 @@ class StageSummary:
 class ExplainSummary:
     index: str
     features: int
+    """Features selected (imported: features the file answers for)."""
     stages: dict[str, StageSummary]
     census: list[dict]
     """Rows of the ``explanation_census`` view after the run."""
@@ -281,12 +282,12 @@ def explain_request(con: duckdb.DuckDBPyConnection, adapter: str, layer: int, fe
     regions = run_sql(con, "FROM region_profile($layer, $feature, adapter := $adapter)", where).to_pylist()
     pieces: list[str] = [*(stats["top_logits"] or []), *(stats["bottom_logits"] or [])]
     lines = [judge.feature_title(adapter, layer, feature),
-             f"Active on {stats['n_active']} tokens ({stats['frequency']:.3%} of those indexed); "
-             f"strongest activation {stats['max']:.3g}.",
+             (f"Active on {stats['n_active']} tokens ({stats['frequency']:.3%} of those indexed); "
+              f"strongest activation {stats['max']:.3g}."),
              "Where its activations fall (share of them; share of that region's tokens it is active on): " + "; ".join(
                  f"{r['region']} {r['share']:.0%} ({r['frequency']:.2%})" for r in regions if r["n_rows"]) + ".",
-             f"Tokens it promotes: {_quote(stats['top_logits'])}. "
-             f"Tokens it suppresses: {_quote(stats['bottom_logits'])}.",
+             (f"Tokens it promotes: {_quote(stats['top_logits'])}. "
+              f"Tokens it suppresses: {_quote(stats['bottom_logits'])}."),
              "", "Strongest examples:"]
     for i, e in enumerate(top, 1):
         text, shown_pieces = _marked(e)
@@ -703,7 +704,8 @@ def import_answers(cfg: ExplainConfig) -> ExplainSummary:
         log.warning("%d lines of %s answer prompts that this index and these settings do not build (another "
                     "index, other --examples/--context/--seed, or a feature not explained yet); they were skipped",
                     refused_lines, cfg.import_file)
-    return ExplainSummary(str(cfg.index), sum(len(v) for v in by_stage.values()), summaries, census(cfg.index),
+    keys = {key for lines in by_stage.values() for key, _, _ in lines}
+    return ExplainSummary(str(cfg.index), len(keys), summaries, census(cfg.index),
                           imported=imported, refused_lines=refused_lines)
 
 

@@ -144,8 +144,8 @@ def held_out(con: duckdb.DuckDBPyConnection, adapter: str, layer: int, feature: 
 def detection_messages(adapter: str, layer: int, feature: int, explanation: str, excerpts: list[str]) -> list[dict]:
     lines = [feature_title(adapter, layer, feature), f"Explanation: {explanation}", "",
              *(f"Excerpt {i}: {text}" for i, text in enumerate(excerpts, 1)), "",
-             "In which excerpts is the feature active? Answer with the excerpt numbers as a JSON list, "
-             "e.g. [2, 5], or [] for none, and nothing else."]
+             ("In which excerpts is the feature active? Answer with the excerpt numbers as a JSON list, "
+              "e.g. [2, 5], or [] for none, and nothing else.")]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 

@@ -114,8 +114,8 @@ def write_all(index: Path, out_dir: Path, adapter: str | None = None, layer: int
     return out_dir / "index.html"
 
 
-_EXPLAINED = (", e.explanation, e.status, e.detection, e.detection_lo, e.detection_hi, e.detection_status, "
-              "e.class, e.reasoning_related, e.class_status",
+_EXPLAINED = ((", e.explanation, e.status, e.detection, e.detection_lo, e.detection_hi, e.detection_status, "
+               "e.class, e.reasoning_related, e.class_status"),
               "LEFT JOIN explanations e ON e.adapter = f.adapter AND e.layer = f.layer AND e.feature = f.feature")
 """Columns and join that add ``tca explain``'s answers to the index page."""
 

@@ -170,7 +170,7 @@ def expected_census(world: dict, words=("Wait",), min_active=10, min_hesitation=
             out[f] = {"n_active": 0, "kind": None}
             continue
 
-        def ratio(region: str) -> float:
+        def ratio(region: str, mine: list) -> float:
             inside = sum((r[1] == region) * (by_piece[r[0]]["n"] - by_piece[r[0]][region]) / by_piece[r[0]]["n"]
                          for r in mine)
             outside = sum((r[1] != region) * by_piece[r[0]][region] / by_piece[r[0]]["n"] for r in mine)
@@ -183,8 +183,8 @@ def expected_census(world: dict, words=("Wait",), min_active=10, min_hesitation=
             "prompt_share": sum(r[1] == "prompt" for r in mine) / n,
             "before_share": sum(r[2] for r in mine) / n,
             "word_share": sum(r[3] for r in mine) / n,
-            "think_ratio": ratio("think"),
-            "answer_ratio": ratio("answer"),
+            "think_ratio": ratio("think", mine),
+            "answer_ratio": ratio("answer", mine),
         }
         e["before_lift"] = e["before_share"] / before_rate if before_rate else None
         if n < min_active:

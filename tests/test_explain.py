@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -208,8 +209,7 @@ def test_end_to_end_resumes_without_resending(planted, model_server, tmp_path):
             assert r["detection_labels"] == [truth[t] for t in r["detection_tokens"]]
             assert r["detection_n"] == 2 * sum(r["detection_labels"])
             assert r["detection_lo"] <= r["detection"] <= r["detection_hi"] and r["judge_model"] == "oracle"
-        assert summary["stages"]["explain"]["answered"] == dict(
-            (s, sum(r["status"] == s for r in got.values())) for s in {r["status"] for r in got.values()})
+        assert summary["stages"]["explain"]["answered"] == Counter(r["status"] for r in got.values())
         assert all(r["class_status"] in ("ok", "malformed") for f, r in got.items() if f in explained)
         # a second run finds everything answered and sends nothing
         again = CliRunner().invoke(main, args)
