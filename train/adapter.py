@@ -37,6 +37,17 @@ from tca.kernels import ACTIVATIONS, TOP_K, DensityGate, choose_path, sparse_ada
 from tca.kernels.activations import JumpReLU, JumpReLUStep
 
 
+PENALTIES = ("l1", "log")
+
+
+def sparsity_penalty(weighted: torch.Tensor, penalty: str, eps: float) -> torch.Tensor:
+    """The elementwise sparsity cost of weighted activations a >= 0 (``AdapterConfig.penalty``);
+    zero at a = 0, so a sum over the active entries equals the sum over every entry."""
+    if penalty == "l1":
+        return weighted
+    return eps * torch.log1p(weighted / eps)
+
+
 @dataclass
 class AdapterConfig:
     """The shape and objective of one adapter."""
@@ -65,6 +76,13 @@ class AdapterConfig:
     """Initial JumpReLU threshold (in units of the pre-activation)."""
     threshold_momentum: float = 0.99
     """Momentum of the running BatchTopK inference threshold."""
+    penalty: str = "l1"
+    """``relu``'s sparsity term on each weighted activation a = |f|·||d|| / loss_scale: ``l1`` sums
+    a, which costs the same whether one feature or n copies carry a direction (so nothing stops a
+    split); ``log`` sums ``penalty_eps * log(1 + a / penalty_eps)``, strictly subadditive, so one
+    feature costs less than the copies it would split into."""
+    penalty_eps: float = 0.1
+    """Where ``log`` bends: like L1 for a << eps (in units of the RMS ||delta||), logarithmic above."""
     kernels: bool = True
     """Train through the sparse kernels (``relu``, ``topk``, ``batchtopk``); False trains on the
     dense reference objective. ``jumprelu`` always uses the dense one."""
@@ -72,6 +90,8 @@ class AdapterConfig:
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; use one of {ACTIVATIONS}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {self.penalty!r}; use one of {PENALTIES}")
 
 
 @dataclass
@@ -250,8 +270,14 @@ class Adapter(nn.Module):
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, activation=self.cfg.activation,
             k=min(self.cfg.k, self.cfg.n_features), dead_mask=dead, k_aux=k_aux, path=path,
         )
-        # the kernels' l1 is the per-row mean of the weighted L1, as the reference's
-        penalty = out.l1 / self.loss_scale if self.cfg.activation == "relu" else out.l1.new_zeros(())
+        penalty = out.l1.new_zeros(())
+        if self.cfg.activation == "relu" and self.cfg.penalty == "l1":
+            # the kernels' l1 is the per-row mean of the weighted L1, as the reference's
+            penalty = out.l1 / self.loss_scale
+        elif self.cfg.activation == "relu":
+            # on the active entries only: the penalty is zero at zero, so this is the dense sum
+            weighted = out.values.float().abs() * self.W_dec.float().norm(dim=1)[out.indices] / self.loss_scale
+            penalty = sparsity_penalty(weighted, self.cfg.penalty, self.cfg.penalty_eps).sum() / x.shape[0]
         step = StepOutput(out.pred, out.counts, out.batch_threshold, out.path, self.decoded())
         return _Forward(step, penalty, out.aux_pred)
 
@@ -259,8 +285,11 @@ class Adapter(nn.Module):
         out = self(x)
         act = self.cfg.activation
         penalty = out.pred.new_zeros(())
-        if act == "relu":
+        if act == "relu" and self.cfg.penalty == "l1":
             penalty = (out.acts @ self.W_dec.norm(dim=1)).mean() / self.loss_scale
+        elif act == "relu":
+            weighted = out.acts * self.W_dec.norm(dim=1) / self.loss_scale
+            penalty = sparsity_penalty(weighted, self.cfg.penalty, self.cfg.penalty_eps).sum(-1).mean()
         elif act == "jumprelu":
             penalty = JumpReLUStep.apply(out.pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
         aux_pred = None

@@ -41,6 +41,16 @@ class TrainConfig:
     """The activation: the paper's ReLU with a decoder-norm-weighted L1, TopK, BatchTopK or JumpReLU."""
     l1: list[float] = field(default_factory=lambda: [DEFAULT_L1], metadata=POSITIVE)
     """Sparsity coefficients (relu, jumprelu); several train a sweep on the same batches."""
+    penalty: Literal["l1", "log"] = "l1"
+    """relu's sparsity term on each activation weighted by its decoder norm (a = |f|·||d||): ``l1``
+    (the paper's) sums a, which costs the same for one feature as for n copies splitting its
+    direction; ``log`` sums eps·log(1 + a/eps), which charges one feature less than its copies."""
+    penalty_eps: float = field(default=0.1, metadata=POSITIVE)
+    """Where the ``log`` penalty bends, in units of the layer's RMS ||delta||: L1-like below, logarithmic above."""
+    target_l0: float | None = field(default=None, metadata=POSITIVE)
+    """Held-out L0 to reach (relu, jumprelu): after warm-up each layer's sparsity coefficient, starting
+    from ``l1``, is steered multiplicatively by its training L0's miss; the coefficient each layer
+    ends with is in summary.json. None: ``l1`` stays fixed. Unchanged layers are not steered."""
     k: list[int] = field(default_factory=lambda: [32], metadata=POSITIVE)
     """Active features per row (topk, batchtopk); several train a sweep."""
     lr: float | None = field(default=None, metadata=POSITIVE)

@@ -15,6 +15,7 @@ misses nothing of nothing (FVE 1, NMSE 0), any other misses infinitely much (FVE
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +96,23 @@ def relative(err: float, ref: float) -> float:
     if ref > 0:
         return err / ref
     return 0.0 if err == 0 else float("inf")
+
+
+COPY_COSINE = 0.9
+"""Two decoder rows this close in direction say one thing twice (the ground-truth bench's copy
+threshold, toy/scoring.py)."""
+
+
+@torch.no_grad()
+def decoder_copies(W_dec: torch.Tensor, live: torch.Tensor, threshold: float = COPY_COSINE) -> tuple[int, float]:
+    """(copies, mean max cosine) over the ``live`` [F] bool features: how many have a decoder row
+    at cosine >= ``threshold`` with another live feature's row, and the mean over live features
+    of their largest cosine with another; (0, 0.0) with fewer than two live features."""
+    rows = W_dec[live].double()
+    if rows.shape[0] < 2:
+        return 0, 0.0
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-math.inf)  # a row is not its own copy
+    best = cos.max(dim=1).values
+    return int((best >= threshold).sum()), best.mean().item()

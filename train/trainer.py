@@ -37,7 +37,7 @@ from tca.train.checkpoint import (
 )
 from tca.train.config import MAX_LR_SCALE, MIN_STEPS, PAPER_BATCH, PAPER_D, PAPER_FEATURES, PAPER_LR, TrainConfig
 from tca.train.loader import ActivationLoader, Batch, LoaderConfig
-from tca.train.metrics import MetricSums, relative
+from tca.train.metrics import MetricSums, decoder_copies, relative
 from tca.train.parallel import merge_shares, prepare_share
 from tca.train.run import RunLog, due, open_run, run_settings, seeded
 from tca.train.sweep import member_dir, sweep_values
@@ -76,10 +76,27 @@ class Member:
     layer: int
     adapter: Adapter
     opt: torch.optim.Optimizer
+    l0_ema: float | None = None
+    """The smoothed training L0 that steers ``target_l0``: one batch's L0 is too noisy to act on."""
 
     @property
     def key(self) -> str:
         return f"{self.name}/{self.layer}"
+
+
+STEER_GAIN = 0.005
+"""Per step, ``target_l0`` moves l1 by at most a factor exp(0.005): L0 follows l1 only after the
+decoder norms settle (at 0.02 on a synthetic store l1 overshot 100-fold and the decoder
+collapsed), yet the 1400 steps after a default run's warm-up span a factor e^7 either way."""
+STEER_SMOOTHING = 0.95
+"""EMA weight of the training L0 that steers l1 (an average over about 20 batches)."""
+
+
+def steered_l1(l1: float, l0: float, target: float) -> float:
+    """The next sparsity coefficient: up when L0 is above ``target``, down when below, by the log
+    of the miss clipped to +-1 times ``STEER_GAIN`` (a miss of e or more moves it at full speed)."""
+    miss = math.log(max(l0, 1e-3) / target)
+    return l1 * math.exp(STEER_GAIN * max(-1.0, min(1.0, miss)))
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -112,6 +129,9 @@ class Trainer:
                 f"{cfg.store} was harvested from other models than the checkpoint in {self.out} "
                 f"({self.models} vs {state['models']}); resume with the store it was trained on."
             )
+        if cfg.target_l0 is not None and cfg.activation in ("topk", "batchtopk"):
+            raise TcaError(f"--target-l0 steers the sparsity coefficient of relu or jumprelu; "
+                           f"{cfg.activation} fixes L0 with --k instead.")
         self.run_layers = select_layers(cfg.layers, self.store.layers, f"{cfg.store} holds")
         self.device = ranks.device(resolve_device(cfg.device))
         self.members = self._members(ranks)
@@ -131,6 +151,7 @@ class Trainer:
         self.total_steps = max(steps, 1)
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 10)
         self.unchanged = self._unchanged_layers()
+        self.warmup_steps = max(1, round(cfg.warmup_frac * self.total_steps))
         self.step, self.tokens_seen = 0, 0
         if state is not None:
             self._restore(state, tensors)
@@ -161,6 +182,7 @@ class Trainer:
         values = dict(
             d_model=self.store.d_model, n_features=cfg.features, activation=cfg.activation, l1=cfg.l1[0],
             k=cfg.k[0], dec_bias=cfg.dec_bias, dead_after_tokens=cfg.dead_after_tokens,
+            penalty=cfg.penalty, penalty_eps=cfg.penalty_eps,
         )
         return AdapterConfig(**(values | overrides))
 
@@ -205,6 +227,9 @@ class Trainer:
             # run's first step would take the dense path where the uninterrupted one took
             # the sparse kernels, and the weights would agree only to rounding
             "gate_density": {m.key: m.adapter.gate.density for m in self.members},
+            # target_l0 steers each adapter's coefficient away from the config's
+            "l1": {m.key: m.adapter.cfg.l1 for m in self.members},
+            "l0_ema": {m.key: m.l0_ema for m in self.members},
         }
         return state, tensors
 
@@ -215,6 +240,8 @@ class Trainer:
             m.adapter.load_state_dict(unprefixed(f"adapter.{m.key}.", tensors))
             restore_optimizer(f"opt.{m.key}", m.opt, tensors, state["optimizers"][m.key])
             m.adapter.gate.density = state.get("gate_density", {}).get(m.key)
+            m.adapter.cfg.l1 = state.get("l1", {}).get(m.key, m.adapter.cfg.l1)
+            m.l0_ema = state.get("l0_ema", {}).get(m.key)
         truncate_metrics(self.out / "metrics.jsonl", self.step)
 
     def save_checkpoint(self) -> None:
@@ -262,6 +289,8 @@ class Trainer:
             for group in m.opt.param_groups:
                 group["lr"] = lr
             loss = train_step(m.adapter, m.opt, x, delta, self.cfg.grad_clip)
+            if self.cfg.target_l0 is not None:
+                self._steer(m, loss.out.l0)
             if logging_step:
                 sums = MetricSums(delta.shape[-1])
                 sums.add(loss.out.pred, delta)
@@ -273,6 +302,14 @@ class Trainer:
                     "dead_frac": m.adapter.dead_mask.float().mean().item(),
                 })
         return records
+
+    def _steer(self, m: Member, l0: float) -> None:
+        """``target_l0``'s controller: smooth the training L0; after warm-up (while the decoder is
+        still growing from zero, L0 says nothing of the final one) steer the coefficient by it."""
+        w = STEER_SMOOTHING
+        m.l0_ema = l0 if m.l0_ema is None else w * m.l0_ema + (1 - w) * l0
+        if self.step >= self.warmup_steps:
+            m.adapter.cfg.l1 = steered_l1(m.adapter.cfg.l1, m.l0_ema, self.cfg.target_l0)
 
     @torch.no_grad()
     def evaluate(self) -> list[dict]:
@@ -307,6 +344,10 @@ class Trainer:
                 "fve": s.fve, "nmse": s.nmse, "l0": s.l0, "dead_frac": 1 - fired[m.key].float().mean().item(),
                 "rows": s.rows,
             }
+            # live: fired on the held-out rows (an eval-mode adapter fires only decoded features)
+            record["copies"], record["max_cosine"] = decoder_copies(m.adapter.W_dec, fired[m.key])
+            if m.adapter.cfg.activation in ("relu", "jumprelu"):
+                record["l1"] = m.adapter.cfg.l1
             if m.layer in self.unchanged:
                 record["unchanged"] = True
             if sums_y[m.key].rows:
@@ -369,7 +410,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 
 
 def _eval_summary(record: dict) -> dict:
-    keys = ("fve", "nmse", "l0", "dead_frac", "fve_y", "nmse_y", "nmse_y_hybrid", "rows", "unchanged")
+    keys = ("fve", "nmse", "l0", "dead_frac", "copies", "max_cosine", "l1", "fve_y", "nmse_y", "nmse_y_hybrid",
+            "rows", "unchanged")
     return {k: record[k] for k in keys if k in record}
 
 
