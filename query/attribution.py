@@ -23,8 +23,7 @@ import pyarrow as pa
 
 from tca import TcaError
 from tca.adapted.attribute import AttributionResult
-from tca.query.index import in_transaction
-from tca.query.sql import query
+from tca.query.sql import in_transaction, query
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS attributions (

@@ -53,7 +53,7 @@ import duckdb
 from tca import TcaError
 from tca.adapted.generation import HESITATION_WORDS, check_words
 from tca.outputs import atomic_file, check_output
-from tca.query.sql import connect, export, run_sql
+from tca.query.sql import connect, export, in_transaction, run_sql
 from tca.query.stats import wilson
 from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 
@@ -187,7 +187,6 @@ def ensure_installed(index: str | Path) -> None:
         con.close()
     if current:
         return
-    from tca.query.index import in_transaction  # index imports schema, which imports this module
 
     log.info("installing the census macros in %s (built before them)", index)
     try:

@@ -47,7 +47,7 @@ from tca import TcaError
 from tca.outputs import atomic_file, check_output
 from tca.query import judge
 from tca.query.chat import Answer, ChatClient, RateLimiter, final_text, parse_answer, refused
-from tca.query.sql import connect, run_sql
+from tca.query.sql import connect, in_transaction, run_sql
 from tca.query.view import has_explanations
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
@@ -379,14 +379,7 @@ def _writer(index: Path) -> duckdb.DuckDBPyConnection:
 
 
 def _in_transaction(con: duckdb.DuckDBPyConnection, *statements: tuple[str, list]) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        for sql, params in statements:
-            con.execute(sql, params)
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+    in_transaction(con, lambda: [con.execute(sql, params) for sql, params in statements])
 
 
 def stored(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, int, int], dict]:

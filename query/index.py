@@ -41,7 +41,7 @@ from tca.outputs import atomic_file, check_not_input
 from tca.query import schema
 from tca.query.lens import LogitLens
 from tca.query.parts import Parts, nonzeros, write_parts
-from tca.query.sql import connect
+from tca.query.sql import connect, in_transaction
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 from tca.train.checkpoint import load_adapters as load_adapter_set
 from tca.train.checkpoint import store_models
@@ -410,16 +410,6 @@ def _write_tables(con, store: Store, rows: np.ndarray, row_tokens: np.ndarray) -
         "INSERT OR REPLACE INTO index_meta VALUES ('store', ?), ('store_tokens', ?)",
         [store.url, str(tokens.num_rows)],
     )
-
-
-def in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        work()
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
 
 
 def _recorded_target(store: Store, adapters: Sequence[IndexAdapter]) -> str | None:

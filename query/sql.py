@@ -18,7 +18,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Callable, Literal, get_args
 
 import duckdb
 import pyarrow as pa
@@ -106,6 +106,18 @@ def query(index: str | Path, sql: str, params: list | dict | None = None) -> pa.
         return run_sql(con, sql, params)
     finally:
         con.close()
+
+
+def in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
+    """Run ``work`` (writes of a writer command: index, attribute, census, explain) as one transaction:
+    all of it lands or none."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        work()
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def _first_line(exc: Exception) -> str:
