@@ -95,17 +95,17 @@ def test_steered_l1_moves_toward_the_target_and_stays_put_on_it():
     assert steered_l1(0.5, 4.0, 4.0) == 0.5
 
 
-@pytest.mark.parametrize(("start", "target"), [(0.1, 4.0), (1.0, 1.5)])
-def test_target_l0_lands_the_held_out_l0_on_the_target(tmp_path, start, target):
-    """From an l1 10x too weak or too strong (true L0 2: 8 features firing on 25% of rows), each
-    changed layer ends within 25% of the target, above or below the truth; the unchanged layer
-    is not steered."""
+@pytest.mark.parametrize(("penalty", "start", "target"), [("l1", 0.1, 4.0), ("l1", 1.0, 1.5), ("log", 0.5, 1.5)])
+def test_target_l0_lands_the_held_out_l0_on_the_target(tmp_path, penalty, start, target):
+    """From the default l1 or one far too weak or too strong (true L0 2: 8 features firing on 25% of rows), each
+    changed layer ends within 25% of the target, above or below the truth (the log penalty only
+    below: it does not split features to fire more); the unchanged layer is not steered."""
     spec = SyntheticSpec(d_model=16, layers=(0, 1, 2), n_docs=48, doc_len=32, n_true=8, fire_prob=0.25,
                          block_rows=256, chunk_rows=64, unchanged=(1,))
     store = str(tmp_path / "store")
     make_synthetic_store(store, spec)
     summary = train(TrainConfig(store=store, out=str(tmp_path / "run"), features=32, batch=64, epochs=60,
-                                lr=3e-3, l1=[start], target_l0=target, holdout_frac=0.2, shuffle_rows=256,
+                                lr=3e-3, l1=[start], target_l0=target, penalty=penalty, holdout_frac=0.2, shuffle_rows=256,
                                 log_every=100, checkpoint_every=10**6, read_threads=2))
     layers = summary["members"][f"l1-{start:g}"]["layers"]
     for layer in ("0", "2"):

@@ -14,14 +14,15 @@ from tca import Device
 from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 
 DEFAULT_L1 = 0.5
-"""Calibrated on the demo pair: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer (docs/train.md)."""
+"""Calibrated on the demo pair with the L1 penalty: held-out L0 in 1–10 at FVE ≥ 0.8 on every layer;
+with the log penalty, the default, it gives L0 0.9–1.6 at FVE ≥ 0.89 there (docs/train.md)."""
 PAPER_D, PAPER_FEATURES, PAPER_LR, PAPER_BATCH = 3584, 8192, 8e-4, 4096
 """The reference's settings for a 7B model (width 3584), from which the defaults scale."""
 MAX_LR_SCALE = 8.0
-"""The default lr grows as adapters narrow, up to 6.4e-3 (128 features), the largest measured
-on the demo pair; above it short runs killed every feature."""
+"""The default lr grows as adapters narrow, up to 8x the paper's (docs/train.md, Calibration, says
+what larger rates did)."""
 MIN_STEPS = 1500
-"""Fewest steps an epochs-default run takes; the calibration of DEFAULT_L1 ran 1792."""
+"""Fewest steps an epochs-default run takes (L0 depends on run length; docs/train.md, Calibration)."""
 
 
 @dataclass
@@ -41,10 +42,11 @@ class TrainConfig:
     """The activation: the paper's ReLU with a decoder-norm-weighted L1, TopK, BatchTopK or JumpReLU."""
     l1: list[float] = field(default_factory=lambda: [DEFAULT_L1], metadata=POSITIVE)
     """Sparsity coefficients (relu, jumprelu); several train a sweep on the same batches."""
-    penalty: Literal["l1", "log"] = "l1"
-    """relu's sparsity term on each activation weighted by its decoder norm (a = |f|·||d||): ``l1``
-    (the paper's) sums a, which costs the same for one feature as for n copies splitting its
-    direction; ``log`` sums eps·log(1 + a/eps), which charges one feature less than its copies."""
+    penalty: Literal["l1", "log"] = "log"
+    """relu's sparsity term on each activation weighted by its decoder norm (a = |f|·||d||): ``log``
+    sums eps·log(1 + a/eps), which charges one feature less than the copies it could split into
+    (on the ground-truth tuning grid: about one adapter feature per planted one, where ``l1`` made
+    2-15; docs/train.md); ``l1``, the paper's, sums a, the same for one feature as for n copies."""
     penalty_eps: float = field(default=0.1, metadata=POSITIVE)
     """Where the ``log`` penalty bends, in units of the layer's RMS ||delta||: L1-like below, logarithmic above."""
     target_l0: float | None = field(default=None, metadata=POSITIVE)
@@ -105,6 +107,8 @@ class TrainConfig:
         saved = dict(saved)
         if "cache" in saved:
             saved["store"] = saved.pop("cache")
+        # a run checkpointed before the penalty was a setting trained on the L1, and resumes on it
+        saved.setdefault("penalty", "l1")
         return cls(**saved)
 
     def __post_init__(self):
