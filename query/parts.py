@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from tca.cache.store import Store
+from tca.cache.store import Store, from_stored
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ def nonzeros(encode: Encoder, x: torch.Tensor, tokens: np.ndarray, min_act: floa
 
 def encode_run(store: Store, layer: int, encoders: Sequence[Encoder], lo: int, hi: int, min_act: float) -> list[pa.Table]:
     """Rows ``[lo, hi)`` of ``layer`` through each encoder: one activation table per encoder."""
-    x = store.read(layer, "x", lo, hi, torch.float32)
+    # through the shard reader, which checks each chunk's checksum and names a corrupted one
+    reader, encoding = store.shard_reader(layer, "x"), store.array(layer, "x").attrs["tca_encoding"]
+    x = from_stored(reader.read(lo, hi), encoding, torch.float32)
     tokens = store.row_tokens(lo, hi)
     return [nonzeros(encode, x, tokens, min_act) for encode in encoders]
 
@@ -128,7 +130,7 @@ def write_parts(
     parts_url: str,
 ) -> Parts:
     """Encode every run of every layer on ``client``'s workers into Parquet parts under ``parts_url``."""
-    from distributed import as_completed
+    from distributed import as_completed, wait
 
     url = f"{parts_url.rstrip('/')}/{uuid.uuid4().hex}"
     parts = Parts(url, store.storage_options, {layer: [] for layer in encoders})
@@ -147,7 +149,9 @@ def write_parts(
             parts.by_layer[part.layer].append(part)
             bar.update()
     except BaseException:
-        client.cancel(futures)
+        # Let the tasks in flight end (cancelling leaves them running) so none writes a part after
+        # the removal below; errors do not stop ``wait``.
+        wait(futures)
         parts.remove()
         raise
     finally:

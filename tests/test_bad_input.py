@@ -121,6 +121,8 @@ CASES = {
     # index
     "index: corrupted chunk": (["index", "--store", "{corrupt}", "--adapters", "{adapters}", "--out", "{root}/i1.duckdb"],
                                "checksum"),
+    "index: corrupted chunk, on Dask": (["index", "--store", "{corrupt}", "--adapters", "{adapters}", "--out",
+                                         "{root}/i2.duckdb", "--workers", "1"], "checksum"),
     "index: out is a text file": (["index", "--store", "{store}", "--adapters", "{adapters}", "--out", "{text}"],
                                   "index"),
     "index: out is the store": (["index", "--store", "{store}", "--adapters", "{adapters}", "--out", "{store}"],
