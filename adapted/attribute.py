@@ -44,6 +44,7 @@ from tca.adapted.generation import workload
 from tca.adapted.intervene import forward_logits, single_token_ids
 from tca.adapted.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode, target_tokenizer
 from tca.cache.layers import select_layers
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.ranges import POSITIVE, at_least, check_ranges
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ class AttributionConfig:
     """Attribute the token's logit minus that of the target's most likely other token there."""
     top: int = field(default=20, metadata=POSITIVE)
     """Features shown."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in the summary."""
 
     def __post_init__(self):
         check_ranges(self)
@@ -207,15 +211,19 @@ class AttributionRun:
     """Real tokens of the data read."""
     dtype: str
     """The dtype the model ran in (``--dtype auto`` resolved)."""
+    threads: int
+    """torch threads on the CPU (``AttributionConfig.threads``)."""
 
     def summary(self, top: int) -> dict:
         return {
             "adapter": self.adapter, "token": self.token, "token_id": self.result.token_id, "layers": self.layers,
             "n_tokens": self.n_tokens, "n_positions": self.result.n_positions, "dtype": self.dtype,
+            "threads": self.threads,
             "top": self.result.ranking(top),
         }
 
 
+@command_threads
 def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     """Load the models and data named by ``cfg`` and attribute the token's logit."""
     name, path = adapter_name(cfg.adapters)
@@ -228,4 +236,4 @@ def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     layers = select_layers(cfg.layers, with_adapter, "the adapters cover")
     result = attribute(model, batches, token_id, layers, contrast=cfg.contrast)
     return AttributionRun(name, cfg.token, result, layers, sum(b.n_tokens for b in batches),
-                          str(model.dtype).removeprefix("torch."))
+                          str(model.dtype).removeprefix("torch."), cfg.threads)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from tca import Device, ModelDtype
+from tca.cache.threads import DEFAULT_THREADS
 from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, at_least, check_ranges
 
 REFINE_L1 = 1.0
@@ -88,6 +89,9 @@ class RefineConfig:
     """Steps between held-out evaluations (0: five per run)."""
     checkpoint_every: int = field(default=100, metadata=POSITIVE)
     """Steps between checkpoints."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in summary.json and beside the adapters."""
 
     def __post_init__(self):
         check_ranges(self)

@@ -40,6 +40,7 @@ from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.evaluate import prompt_records
 from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
 from tca.adapted.splice import FeatureEdit, edits, load_adapted, target_tokenizer
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.ranges import NON_NEGATIVE, POSITIVE, at_least, check_ranges
 from tca.train.metrics import next_token_kl
 
@@ -243,6 +244,9 @@ class InterventionConfig:
     ``float16``: the models' weights and activations; the one chosen is written into the report."""
     device: Device = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in the report."""
 
     def __post_init__(self):
         check_ranges(self)
@@ -254,8 +258,11 @@ class InterventionReport:
     edits: list[dict]
     measure: list[str]
     effect: Effect
+    threads: int
+    """torch threads on the CPU (``InterventionConfig.threads``)."""
 
 
+@command_threads
 def run_intervention(cfg: InterventionConfig) -> InterventionReport:
     """Load the models and data named by ``cfg`` and measure the edits' effect."""
     feature_edits = parse_edits(cfg.edits)  # a typo fails before any model is loaded
@@ -272,4 +279,4 @@ def run_intervention(cfg: InterventionConfig) -> InterventionReport:
     effect = intervention_effect(model, tokenizer, batches, records, feature_edits, cfg.mode, measure_ids,
                                  cfg.generate, cfg.max_new_tokens, cfg.batch, cfg.words)
     shown = [asdict(e) | {"token_ids": sorted(e.token_ids) if e.token_ids else None} for e in feature_edits]
-    return InterventionReport(cfg.mode, shown, cfg.measure, effect)
+    return InterventionReport(cfg.mode, shown, cfg.measure, effect, cfg.threads)

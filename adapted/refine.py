@@ -46,6 +46,7 @@ from tca.adapted.splice import adapted_mlps, load_adapted, target_tokenizer
 from tca.cache.layers import select_layers
 from tca.cache.memory import Workload
 from tca.cache.models import find_model, resolve_device
+from tca.cache.threads import command_threads
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import (
     AdapterSet,
@@ -71,7 +72,8 @@ class Refiner:
         self.out = Path(cfg.out)
         state, tensors = open_run(self.out, cfg.resume) or (None, None)
         if state is not None:
-            cfg = dataclasses.replace(RefineConfig(**state["config"]), device=cfg.device, resume=True)
+            cfg = dataclasses.replace(RefineConfig(**state["config"]), device=cfg.device, threads=cfg.threads,
+                                      resume=True)
         self._check(cfg)
         target_src = find_model(cfg.target)
         n_layers = target_src.n_layers
@@ -294,7 +296,7 @@ class Refiner:
         save_adapters(self.out, AdapterSet(adapters, self.source.config, self.source.store, self.source.models, extra))
         summary = {"adapters": str(self.out), "refined_from": self.cfg.adapters, "tokens_seen": self.tokens_seen,
                    "steps": self.step, "layers": sorted(self.adapters),
-                   "dtype": str(self.model.dtype).removeprefix("torch."),
+                   "dtype": str(self.model.dtype).removeprefix("torch."), "threads": self.cfg.threads,
                    **{k: v for k, v in final.items() if k not in ("kind", "step", "tokens")}}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -310,6 +312,7 @@ def _split(docs: list[list[int]], eval_tokens: int) -> tuple[list[list[int]], li
 
 
 
+@command_threads
 def refine(cfg: RefineConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Refine (or resume refining) the adapters ``cfg`` describes and return the summary."""
     return Refiner(cfg).run(on_step)

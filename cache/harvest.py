@@ -48,6 +48,7 @@ from tca.cache.models import (
 from tca.cache.plan import Plan, PlanConfig, build_plan
 from tca.cache.ranks import Ranks, process_group, rank0_first
 from tca.cache.store import Store, StoreSpec
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.cache.writer import BlockWriter
 from tca.ranges import POSITIVE, check_ranges
 
@@ -96,11 +97,14 @@ class HarvestConfig:
     storage_options: dict = field(default_factory=dict)
     """fsspec options of ``out`` as a JSON object (credentials, endpoint); none given: s3fs reads the
     ``AWS_*`` environment variables."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in the store's attributes."""
 
     def identity(self) -> dict:
         """What decides the stored values: a resume must agree on all of it."""
         settings = dataclasses.asdict(self)
-        for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options"):
+        for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options", "threads"):
             settings.pop(transient)
         return settings
 
@@ -158,6 +162,7 @@ def batch_inputs(plan: Plan, batch: Batch, pad_id: int) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(select)
 
 
+@command_threads
 def harvest(cfg: HarvestConfig) -> HarvestResult:
     """Run a harvest (or resume one) and return what it wrote."""
     try:
@@ -197,6 +202,7 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
             # what the values were computed in: the model's forward and both MLPs
             "precision": {"model": identity["dtype"], "mlps": "float32",
                           "base_mlp_weights": checkpoint_dtype(base_src.config)},
+            "threads": cfg.threads,
         }
         spec = StoreSpec(
             layers=layers, d_model=target_src.d_model, dtype=identity["dtype"], n_rows=len(plan.row_tokens),

@@ -37,6 +37,7 @@ from tca import TcaError
 from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.layers import select_layers
 from tca.cache.store import Store, from_stored
+from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.outputs import atomic_file, check_not_input
 from tca.query import schema
 from tca.query.lens import LogitLens
@@ -113,6 +114,10 @@ class IndexConfig:
     """fsspec options of the store and the parts (credentials, endpoint)."""
     overwrite: bool = False
     """Replace adapter layers ``out`` already holds (same name and layer); without it they are refused."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads of this process on the CPU (Dask workers keep their own), fixed whatever the
+    machine's load (``tca.cache.threads``: more than one thrashed a busy 2-core machine); recorded
+    in the summary."""
 
     def __post_init__(self):
         check_ranges(self)
@@ -129,8 +134,11 @@ class IndexSummary:
     rows_per_s: float = 0.0
     workers: int = 0
     """Dask workers that encoded the rows; 0 when this process did."""
+    threads: int = 0
+    """torch threads this process ran with (``IndexConfig.threads`` under ``build_index``)."""
 
 
+@command_threads
 def build_index(cfg: IndexConfig) -> IndexSummary:
     """Load the store and adapters named by ``cfg`` and index them; every refusal comes before
     anything is written."""
@@ -195,7 +203,7 @@ def index_adapters(
     layers = sorted({a.layer for a in adapters})
     of_layer = {layer: [a for a in adapters if a.layer == layer] for layer in layers}
     runs = list(_runs(rows, batch_rows))
-    summary = IndexSummary(str(out), len(rows))
+    summary = IndexSummary(str(out), len(rows), threads=torch.get_num_threads())
     written: Parts | None = None
     with atomic_file(out) as building:
         if out.exists():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tca import Device
+from tca.cache.threads import DEFAULT_THREADS
 from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 
 DEFAULT_L1 = 0.5
@@ -100,6 +101,9 @@ class TrainConfig:
     """A layer whose RMS ||delta|| on the held-out rows is at most this times its RMS ||x|| is
     unchanged: reported as "no difference", not trained (no feature active), FVE 1 and NMSE 0.
     0: only an exactly zero delta."""
+    threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
+    """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
+    one thrashed a busy 2-core machine); recorded in summary.json and beside the adapters."""
 
     @classmethod
     def from_saved(cls, saved: dict) -> TrainConfig:

@@ -23,6 +23,7 @@ from tca.cache.layers import select_layers
 from tca.cache.models import resolve_device
 from tca.cache.ranks import Ranks
 from tca.cache.store import Store
+from tca.cache.threads import command_threads
 from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.checkpoint import (
     AdapterSet,
@@ -120,7 +121,7 @@ class Trainer:
         state, tensors = open_run(self.out, cfg.resume) or (None, None)
         if state is not None:
             saved = TrainConfig.from_saved(state["config"])
-            cfg = dataclasses.replace(saved, store=cfg.store, device=cfg.device, resume=True)
+            cfg = dataclasses.replace(saved, store=cfg.store, device=cfg.device, threads=cfg.threads, resume=True)
         self.store = Store.open(cfg.store)
         self.cfg = cfg = scaled_defaults(cfg, self.store.d_model, self.store.n_rows)
         self.models = store_models(self.store)
@@ -375,7 +376,7 @@ class Trainer:
                 AdapterSet(adapters, config, self.cfg.store, self.models, {"train": train_settings, "tokens_seen": self.tokens_seen}),
             )
         summary = {
-            "store": self.cfg.store, "tokens_seen": self.tokens_seen, "steps": self.step,
+            "store": self.cfg.store, "tokens_seen": self.tokens_seen, "steps": self.step, "threads": self.cfg.threads,
             "loader": self.loader.stats.as_dict(),
             "members": {
                 name: {
@@ -389,6 +390,7 @@ class Trainer:
         return summary
 
 
+@command_threads
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) the run ``cfg`` describes and return its summary.
 
