@@ -5,7 +5,12 @@
 Every stage runs through the same Python API its command uses, writes into one folder and
 logs what it did; the last screen summarises the figures that matter (the KL gap closed, the
 behaviour recovered, the hesitation features) and where everything is. ``quick`` shrinks every
-budget so the run is a smoke test (CI runs it); the full run stays under 10 minutes on 2 cores.
+budget so the run is a smoke test (CI runs it).
+
+With ``seeds`` N > 1 the store is harvested once (it does not depend on the seed) and seeds
+0 … N−1 each run train → refine → index → eval → study into ``OUT/seed-S/``; ``stability.md``
+compares them (``tca.query.stability``): each seed's findings, and which hesitation features
+recur, matched by decoder direction. One seed writes the single-run layout into ``OUT``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tca import Device, TcaError
 from tca.cache.threads import DEFAULT_THREADS, command_threads
-from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
+from tca.ranges import NON_NEGATIVE, POSITIVE, SHARE, check_ranges
+
+if TYPE_CHECKING:
+    from tca.query.stability import SeedFindings
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +53,9 @@ class DemoConfig:
     refine_tokens: int = field(default=300_000, metadata=NON_NEGATIVE)
     """Tokens of end-to-end refinement after offline training (0: skip refinement)."""
     refine_l1: float = field(default=0.5, metadata=NON_NEGATIVE)
-    """Refinement's L1 weight: the offline default, which on this pair's 300 k-token refinement
-    recovers more accuracy than ``tca refine``'s default 1.0 (65% of the gain against 50%) at a
-    mean L0 of 1.6, layer 0 at 2.6 (docs/train.md, Refinement)."""
+    """Refinement's L1 weight: the offline default, which on this pair recovers more of the accuracy
+    gain than ``tca refine``'s default (docs/train.md, Refinement, has the measured comparison and
+    its command)."""
     eval_prompts: int = field(default=200, metadata=NON_NEGATIVE)
     """Held-out prompts generated from by the evaluation."""
     study_prompts: int = field(default=100, metadata=POSITIVE)
@@ -56,6 +65,12 @@ class DemoConfig:
     max_new_tokens: int = field(default=200, metadata=POSITIVE)
     """Longest generated response, passed to the evaluation and the study in place of their
     4096 (sized for R1 traces): the demo target's responses are about 90 tokens."""
+    seeds: int = field(default=1, metadata=POSITIVE)
+    """Run seeds 0 … N−1 (training, refinement and the study's controls), each in OUT/seed-S/
+    after one harvest, and compare what they find in OUT/stability.md; 1 keeps the single-run layout."""
+    match_cosine: float = field(default=0.9, metadata=SHARE)
+    """Features of two seeds are the same feature when their decoder directions (rows of the refined
+    ``W_dec``, same layer) have at least this cosine."""
     device: Device = "auto"
     """auto, cpu or cuda."""
     threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
@@ -79,81 +94,157 @@ class DemoConfig:
 class DemoResult:
     out: str
     seconds: dict[str, float]
-    """CPU seconds per stage."""
+    """CPU seconds per stage, summed over the seeds (the harvest runs once)."""
     eval: dict
+    """The first seed's evaluation (its eval.json)."""
     study: dict
+    """The first seed's hesitation study (its study/study.json)."""
     paths: dict[str, str]
+    """The store, the stability table and the first seed's outputs (one seed) or each seed's folder."""
+    seeds: list[dict]
+    """Per seed: its ``SeedFindings`` (seed, features, necessary, sufficient and their figures), with
+    its stages' ``seconds`` and ``paths``."""
+    stability: list[dict]
+    """The seeds' hesitation features grouped into directions (``tca.query.stability.Direction``)."""
     threads: int
-    """torch's CPU threads (``DemoConfig.threads``)."""
+    """torch's CPU threads: runs agree byte for byte at the same seed and thread count."""
 
 
 @command_threads
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every stage on the demo pair; returns the figures and the paths written."""
-    from tca.adapted.evaluate import EvalConfig, evaluate
+    import torch
+
     from tca.cache.harvest import HarvestConfig, harvest
     from tca.cache.plan import PlanConfig
+    from tca.query.stability import directions, stability_markdown
+    from tca.train.checkpoint import load_adapters
+
+    command, cfg = _command(cfg), cfg.scaled()
+    pair, out = Path(cfg.pair), Path(cfg.out)
+    if not (pair / "base").is_dir() or not (pair / "reasoning").is_dir():
+        raise TcaError(f"{pair} is not a demo pair (it needs base/, reasoning/ and data/); "
+                       "build one with tca build-pair.")
+    _prepare(out, cfg.overwrite)
+    store = out / "store"
+    seconds: dict[str, float] = {}
+    with _stage("harvest", seconds):
+        harvest(HarvestConfig(base=str(pair / "base"), target=str(pair / "reasoning"), out=str(store),
+                              device=cfg.device, threads=cfg.threads,
+                              plan=PlanConfig(data=str(pair / "data" / "train.jsonl"), max_tokens=cfg.harvest_tokens)))
+    runs = []
+    for seed in range(cfg.seeds):
+        # one seed keeps the folder layout of a single run; several get a folder each
+        folder = out if cfg.seeds == 1 else out / f"seed-{seed}"
+        log.info("== seed %d of %d, into %s", seed + 1, cfg.seeds, folder)
+        runs.append(_run_seed(cfg, seed, store, folder))
+        for name, s in runs[-1].seconds.items():
+            seconds[name] = round(seconds.get(name, 0.0) + s, 1)
+
+    decoders = {r.findings.seed: {layer: a.W_dec for layer, a in load_adapters(r.paths["final"]).adapters.items()}
+                for r in runs}
+    found = directions(decoders, {r.findings.seed: r.findings.features for r in runs}, cfg.match_cosine)
+    stability = out / "stability.md"
+    stability.write_text(stability_markdown([r.findings for r in runs], found, cfg.match_cosine, command))
+
+    paths = {"store": str(store), "stability": str(stability)}
+    if cfg.seeds == 1:
+        paths |= {k: v for k, v in runs[0].paths.items() if k != "final"}
+    else:
+        paths |= {f"seed {r.findings.seed}": str(out / f"seed-{r.findings.seed}") for r in runs}
+    result = DemoResult(
+        str(out), seconds, runs[0].eval, runs[0].study, paths,
+        seeds=[asdict(r.findings) | {"seconds": r.seconds, "paths": r.paths} for r in runs],
+        stability=[asdict(d) for d in found], threads=torch.get_num_threads())
+    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+@dataclass
+class _SeedRun:
+    findings: SeedFindings
+    eval: dict
+    study: dict
+    seconds: dict[str, float]
+    paths: dict[str, str]
+    """Where the seed's stages wrote; ``final`` is the adapters the evaluation and study used."""
+
+
+def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun:
+    """train -> refine -> index -> eval -> study of one seed into ``folder``."""
+    from tca.adapted.evaluate import EvalConfig, evaluate
     from tca.query.index import IndexConfig, build_index
+    from tca.query.stability import SeedFindings
     from tca.query.study import StudyConfig, hesitation_study
     from tca.train.trainer import TrainConfig, train
 
-    cfg = cfg.scaled()
-    pair, out = Path(cfg.pair), Path(cfg.out)
+    pair = Path(cfg.pair)
     base, target = str(pair / "base"), str(pair / "reasoning")
     train_data, val_data = str(pair / "data" / "train.jsonl"), str(pair / "data" / "val.jsonl")
-    if not (pair / "base").is_dir() or not (pair / "reasoning").is_dir():
-        raise TcaError(f"{pair} is not a demo pair (it needs base/, reasoning/ and data/); build one with tca build-pair.")
-    _prepare(out, cfg.overwrite)
     paths = {
-        "store": out / "store", "offline": out / "adapters-offline", "adapters": out / "adapters",
-        "index": out / "index.duckdb", "eval": out / "eval.json", "study": out / "study",
+        "offline": folder / "adapters-offline", "adapters": folder / "adapters",
+        "index": folder / "index.duckdb", "eval": folder / "eval.json", "study": folder / "study",
     }
     seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str):
-        # CPU seconds of this process (``DemoConfig.threads`` says why not wall)
-        log.info("== %s", name)
-        t0 = time.process_time()
-        yield
-        seconds[name] = round(time.process_time() - t0, 1)
-
-    with stage("harvest"):
-        harvest(HarvestConfig(base=base, target=target, out=str(paths["store"]), device=cfg.device, threads=cfg.threads,
-                              plan=PlanConfig(data=train_data, max_tokens=cfg.harvest_tokens)))
-    with stage("train"):
-        train(TrainConfig(store=str(paths["store"]), out=str(paths["offline"]), device=cfg.device, threads=cfg.threads,
-                          epochs=1.0 if cfg.quick else None))
+    with _stage("train", seconds):
+        train(TrainConfig(store=str(store), out=str(paths["offline"]), device=cfg.device, seed=seed,
+                          threads=cfg.threads, epochs=1.0 if cfg.quick else None))
     final = paths["offline"]
     if cfg.refine_tokens:
         from tca.adapted.refine import RefineConfig, refine
 
-        with stage("refine"):
+        with _stage("refine", seconds):
             refine(RefineConfig(adapters=str(paths["offline"]), base=base, target=target, data=train_data,
                                 out=str(paths["adapters"]), tokens=cfg.refine_tokens, l1=cfg.refine_l1,
-                                device=cfg.device, threads=cfg.threads))
+                                device=cfg.device, seed=seed, threads=cfg.threads))
         final = paths["adapters"]
     else:
         paths.pop("adapters")
     named = f"demo={final}"
-    with stage("index"):
-        build_index(IndexConfig(store=str(paths["store"]), adapters=[named], out=paths["index"], threads=cfg.threads))
-    with stage("eval"):
-        report = evaluate(EvalConfig(adapters=str(final), base=base, target=target, data=val_data,
-                                     generate=cfg.eval_prompts, max_new_tokens=cfg.max_new_tokens, device=cfg.device,
-                                     threads=cfg.threads))
-        evaluation = asdict(report)
+    with _stage("index", seconds):
+        build_index(IndexConfig(store=str(store), adapters=[named], out=paths["index"], threads=cfg.threads))
+    with _stage("eval", seconds):
+        evaluation = asdict(evaluate(EvalConfig(adapters=str(final), base=base, target=target, data=val_data,
+                                                generate=cfg.eval_prompts, max_new_tokens=cfg.max_new_tokens,
+                                                device=cfg.device, threads=cfg.threads)))
         paths["eval"].write_text(json.dumps(evaluation, indent=2) + "\n")
-    with stage("study"):
+    with _stage("study", seconds):
         study = hesitation_study(StudyConfig(adapters=named, base=base, target=target, data=val_data,
                                              index=str(paths["index"]), out=str(paths["study"]),
                                              prompts=cfg.study_prompts, max_new_tokens=cfg.max_new_tokens,
-                                             max_features=cfg.study_features, device=cfg.device,
+                                             max_features=cfg.study_features, device=cfg.device, seed=seed,
                                              threads=cfg.threads))
-    result = DemoResult(str(out), seconds, evaluation, asdict(study), {k: str(v) for k, v in paths.items()},
-                        cfg.threads)
-    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+    findings = SeedFindings(
+        seed=seed, features=[(f.layer, f.feature) for f in study.hesitation_features],
+        necessary=study.necessary, sufficient=study.sufficient, necessary_rules=study.necessary_rules,
+        cut=study.changes["cut"], accuracy_delta=study.changes["accuracy_delta"],
+        clamped_hesitations=study.changes["clamped_hesitations"],
+        target_hesitations=study.conditions["target"]["hesitations"], clamp_scale=study.clamp_scale,
+        kl_closed=evaluation["faithfulness"]["fraction_closed"],
+        accuracy_gain_recovered=(evaluation.get("recovery") or {}).get("accuracy_gain_recovered"))
+    return _SeedRun(findings, evaluation, asdict(study), seconds,
+                    {k: str(v) for k, v in paths.items()} | {"final": str(final)})
+
+
+@contextmanager
+def _stage(name: str, seconds: dict[str, float]):
+    """Time a stage in CPU seconds of this process (``DemoConfig.threads`` says why not wall)."""
+    log.info("== %s", name)
+    t0 = time.process_time()
+    yield
+    seconds[name] = round(time.process_time() - t0, 1)
+
+
+def _command(cfg: DemoConfig) -> str:
+    """The ``tca demo`` command line that reproduces this run (the flags that differ from the defaults)."""
+    flags = []
+    for f in fields(DemoConfig):
+        value, default = getattr(cfg, f.name), f.default
+        if f.name in ("out", "overwrite") or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value}")
+    return " ".join(["tca demo", *flags])
 
 
 def _prepare(out: Path, overwrite: bool) -> None:

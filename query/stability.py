@@ -1,0 +1,217 @@
+"""Whether a hesitation study's findings recur across seeds of the whole pipeline.
+
+Feature indices are arbitrary: seed 1's feature 12 may be seed 0's feature 81. A feature is
+identified by its decoder direction instead (its row of ``W_dec``, what it writes into the
+residual stream), compared within a layer: two features are *the same* when their directions'
+cosine reaches ``min_cosine`` (0.9 by default).
+
+The hesitation features of all seeds are grouped into *directions* by single linkage: two of them
+join when they sit in the same layer and match, within a seed (near-copies chosen together) or
+across seeds. A direction *recurs* in the seeds whose study chose one of its members; it is
+*present* in a seed whose adapters hold a feature matching its first member, chosen or not (an
+adapter may hold the direction while its study chose a near-copy elsewhere, or nothing).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import torch
+
+from tca.query.stats import Estimate
+from tca.query.study import _est, _pct, _points
+
+
+@dataclass
+class SeedFindings:
+    """One seed's run of the pipeline, as the stability table reads it."""
+
+    seed: int
+    features: list[tuple[int, int]]
+    """The hesitation features (layer, feature) its study chose."""
+    necessary: bool
+    sufficient: bool
+    necessary_rules: dict[str, bool]
+    """Each rule of *necessary* (``cut``, ``accuracy``, ``controls``)."""
+    cut: Estimate
+    """Hesitations per response cut by ablating the features, verdict prompts, paired 95% interval."""
+    accuracy_delta: Estimate
+    """Accuracy after the ablation − before."""
+    clamped_hesitations: Estimate
+    """Hesitations per response the clamp adds to the hybrid."""
+    target_hesitations: Estimate
+    """The target's hesitations per response on the verdict prompts (what the clamp is judged against)."""
+    clamp_scale: float
+    kl_closed: float | None
+    """Evaluation: the share of the hybrid's next-token KL the adapters close."""
+    accuracy_gain_recovered: float | None
+    """Evaluation: (adapted − hybrid) ÷ (target − hybrid) accuracy."""
+
+
+@dataclass
+class Presence:
+    """A direction in one seed's adapters."""
+
+    seed: int
+    chosen: list[int]
+    """Features of this seed's hesitation set that belong to the direction (empty: not chosen)."""
+    feature: int
+    """The seed's feature closest to the direction's first member."""
+    cosine: float
+    """That feature's decoder cosine with the first member."""
+
+
+@dataclass
+class Direction:
+    """One hesitation feature as found across seeds: its members and where it recurs."""
+
+    name: str
+    layer: int
+    members: list[tuple[int, int]]
+    """(seed, feature) of every hesitation feature in it, seed order; the first is the reference."""
+    chosen_in: int
+    """Seeds whose study chose one of its members."""
+    present_in: int
+    """Seeds whose adapters hold a feature within ``min_cosine`` of the first member."""
+    per_seed: list[Presence]
+    cosine: list[float] | None
+    """[lowest, highest] decoder cosine between members of different seeds (None: one seed only)."""
+
+
+def unit_rows(W_dec: torch.Tensor) -> torch.Tensor:
+    """Decoder rows scaled to unit norm in float64; an all-zero row (a feature that writes nothing)
+    stays zero, so it matches nothing."""
+    W = W_dec.detach().double()
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def directions(decoders: dict[int, dict[int, torch.Tensor]], chosen: dict[int, list[tuple[int, int]]],
+               min_cosine: float = 0.9) -> list[Direction]:
+    """Group the seeds' hesitation features into directions.
+
+    ``decoders[seed][layer]`` is that seed's ``W_dec`` [F, d]; ``chosen[seed]`` its hesitation
+    features as (layer, feature). Directions come out most recurrent first (then by layer and
+    first member), named A, B, … in that order.
+    """
+    unit = {s: {layer: unit_rows(w) for layer, w in by_layer.items()} for s, by_layer in decoders.items()}
+    nodes = sorted({(s, layer, f) for s, feats in chosen.items() for layer, f in feats})
+    parent = list(range(len(nodes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def cos(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+        return float(unit[a[0]][a[1]][a[2]] @ unit[b[0]][b[1]][b[2]])
+
+    for i, a in enumerate(nodes):
+        for j in range(i + 1, len(nodes)):
+            if a[1] == nodes[j][1] and cos(a, nodes[j]) >= min_cosine:
+                parent[root(j)] = root(i)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for i, node in enumerate(nodes):
+        groups.setdefault(root(i), []).append(node)
+
+    found = []
+    for group in groups.values():
+        ref, layer = group[0], group[0][1]
+        per_seed = []
+        for s in sorted(decoders):
+            sims = unit[s][layer] @ unit[ref[0]][layer][ref[2]]
+            best = int(sims.argmax())
+            per_seed.append(Presence(s, [f for t, _, f in group if t == s], best, float(sims[best])))
+        across = [cos(a, b) for i, a in enumerate(group) for b in group[i + 1:] if a[0] != b[0]]
+        found.append(Direction(
+            name="", layer=layer, members=[(s, f) for s, _, f in group],
+            chosen_in=len({s for s, _, _ in group}),
+            present_in=sum(p.cosine >= min_cosine for p in per_seed), per_seed=per_seed,
+            cosine=[min(across), max(across)] if across else None))
+    found.sort(key=lambda d: (-d.chosen_in, d.layer, d.members[0]))
+    for i, d in enumerate(found):
+        d.name = _name(i)
+    return found
+
+
+def _name(i: int) -> str:
+    """A, B, …, Z, AA, AB, …"""
+    letters = string.ascii_uppercase
+    return letters[i] if i < len(letters) else _name(i // len(letters) - 1) + letters[i % len(letters)]
+
+
+def stability_markdown(findings: list[SeedFindings], found: list[Direction], min_cosine: float,
+                       command: str) -> str:
+    """The stability table: per seed its findings, then the directions and where they recur."""
+    n = len(findings)
+    name_of = {(s, d.layer, f): d.name for d in found for s, f in d.members}
+    lines = [
+        f"# Stability across {n} seed{'s' * (n > 1)}",
+        "",
+        f"    {command}",
+        "",
+        "Each seed runs train → refine → index → eval → study on the same store (harvested once) and is "
+        "judged on the same verdict prompts; the seed sets the adapters' initialisation, the training order, "
+        "the refinement's order and cut-offs, and the study's control sets. Figures are on the verdict "
+        "prompts with paired 95% intervals.",
+        "",
+        "| seed | hesitation features | necessary | sufficient | hesitation cut | accuracy change | "
+        "hesitations the clamp adds (target's) | KL gap closed | accuracy gain recovered |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in findings:
+        feats = ", ".join(f"({layer}, {f}) {name_of[(r.seed, layer, f)]}" for layer, f in r.features) or "none"
+        failed = ", ".join(k for k, ok in r.necessary_rules.items() if not ok)
+        necessary = "yes" if r.necessary else f"no ({failed})" if failed else "no"
+        lines.append(
+            f"| {r.seed} | {feats} | {necessary} | {'yes' if r.sufficient else 'no'} | {_pct(r.cut)} | "
+            f"{_points(r.accuracy_delta)} | {_est(r.clamped_hesitations)} ({_est(r.target_hesitations)}) "
+            f"×{r.clamp_scale:g} | {_share(r.kl_closed, '.1%')} | {_share(r.accuracy_gain_recovered, '.0%')} |")
+    if n > 1:
+        lines.append(
+            f"| range | | {sum(r.necessary for r in findings)} of {n} | {sum(r.sufficient for r in findings)} of {n} | "
+            f"{_range([r.cut.value for r in findings], '.0%')} | "
+            f"{_range([r.accuracy_delta.value for r in findings], '+.1f', 100)} points | "
+            f"{_range([r.clamped_hesitations.value for r in findings], '.2f')} | "
+            f"{_range([r.kl_closed for r in findings], '.1%')} | "
+            f"{_range([r.accuracy_gain_recovered for r in findings], '.0%')} |")
+    lines += [
+        "",
+        "A `necessary` no names the rules that failed: `cut` (the cut's lower bound below the cut asked), "
+        "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
+        "95th percentile). The clamp column shows the scale chosen on the selection prompts.",
+        "",
+        "## Hesitation features across seeds",
+        "",
+        f"Matched by decoder direction: features of one layer whose rows of the refined `W_dec` have cosine ≥ "
+        f"{min_cosine:g} are the same feature (indices are arbitrary across seeds). *Chosen*: the seed's study "
+        "picked a member; *present*: the seed's adapters hold a feature within that cosine of the first "
+        "member, chosen or not.",
+        "",
+        "| direction | layer | chosen in | present in | per seed: chosen / closest feature (cosine) "
+        "| cosine across seeds |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for d in found:
+        per = "; ".join(f"{p.seed}: {' '.join(map(str, p.chosen)) or '—'} / {p.feature} ({p.cosine:.2f})"
+                        for p in d.per_seed)
+        span = "—" if d.cosine is None else _range(d.cosine, ".2f")
+        lines.append(f"| {d.name} | {d.layer} | {d.chosen_in} of {n} | {d.present_in} of {n} | {per} | {span} |")
+    if not found:
+        lines.append("| none | | | | no seed chose a hesitation feature | |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _share(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _range(values: list[float | None], fmt: str, scale: float = 1) -> str:
+    """``lo–hi`` of the defined values (one value alone when they agree)."""
+    known = [scale * v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    lo, hi = format(min(known), fmt), format(max(known), fmt)
+    return lo if lo == hi else f"{lo} – {hi}"
