@@ -136,6 +136,12 @@ CASES = {
     "sql: out is the index": (["sql", "{index}", "FROM docs", "--format", "csv", "--out", "{index}", "--overwrite"],
                               "index"),
     "sql: not an index": (["sql", "{text}", "FROM docs"], "index"),
+    # census, explain, serve
+    "census: not an index": (["census", "{text}"], "index"),
+    "census: share above 1": (["census", "{index}", "--min-hesitation", "2"], "--min-hesitation"),
+    "explain: a --where that is not a condition": (["explain", "{index}", "--endpoint", "http://127.0.0.1:9",
+                                                    "--model", "m", "--where", "DROP TABLE activations"], "parse"),
+    "serve: nothing to serve": (["serve", "--port", "0", "--max-requests", "1"], "--model"),
     # top, report, plot
     "top: no such feature": (["top", "{index}", "1", "9999"], "9999"),
     "report: over a file": (["report", "{index}", "1", "0", "-o", "{text}"], "--overwrite"),
