@@ -398,11 +398,12 @@ def intervene_cmd(cfg, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and the top features as JSON.")
 def attribute_cmd(cfg, index, as_json) -> None:
     """Rank adapter features by gradient x activation of a token's logit where the target predicts it."""
-    from tca.adapted.attribute import adapter_name, run_attribution
+    from tca.adapted.attribute import run_attribution
     from tca.query.attribution import check_writable, write_attributions
+    from tca.train.checkpoint import named_set
 
     if index is not None:
-        check_writable(index, adapter_name(cfg.adapters)[0])
+        check_writable(index, named_set(cfg.adapters)[0])
     run = run_attribution(cfg)
     summary = run.summary(cfg.top)
     if index is not None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +45,7 @@ from tca.adapted.splice import AdaptedMLP, adapted_mlps, load_adapted, set_mode,
 from tca.cache.layers import select_layers
 from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.ranges import POSITIVE, at_least, check_ranges
+from tca.train.checkpoint import named_set
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,6 @@ class AttributionConfig:
         check_ranges(self)
 
 
-def adapter_name(spec: str) -> tuple[str, str]:
-    """(name, directory) of an ``[NAME=]DIR`` adapter argument, named as ``tca index`` names it."""
-    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-    return name or Path(path).resolve().name, path
-
-
 @dataclass
 class AttributionRun:
     """One ``tca attribute`` run: the result and what it ran on."""
@@ -226,7 +220,7 @@ class AttributionRun:
 @command_threads
 def run_attribution(cfg: AttributionConfig) -> AttributionRun:
     """Load the models and data named by ``cfg`` and attribute the token's logit."""
-    name, path = adapter_name(cfg.adapters)
+    name, path = named_set(cfg.adapters)
     tokenizer = target_tokenizer(cfg.target)
     (token_id,) = single_token_ids(tokenizer, [cfg.token])
     batches = token_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, batch=cfg.batch)

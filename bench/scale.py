@@ -38,7 +38,7 @@ from tca.cache.harvest import HarvestConfig, harvest
 from tca.cache.plan import PlanConfig
 from tca.cache.stats import compute_stats
 from tca.cache.store import Store, StoreSpec
-from tca.query.index import index_adapters, load_adapters
+from tca.query.index import adapter_layers, index_adapters
 from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, save_adapters
@@ -85,7 +85,7 @@ def adapter_set(path: Path, d: int, n_features: int) -> Path:
 
 def bench_dask(work: Path, args) -> None:
     store = synthetic_store(work / "store", args.rows, args.d, args.block_rows)
-    adapters = load_adapters(adapter_set(work / "adapters", args.d, args.features))
+    adapters = adapter_layers(adapter_set(work / "adapters", args.d, args.features))
     mb = store.n_rows * args.d * 2 * 2 * len(LAYERS) / 1e6
     t0 = time.perf_counter()
     single = index_adapters(store, adapters, work / "single.duckdb", batch_rows=args.block_rows)

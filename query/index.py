@@ -45,7 +45,7 @@ from tca.query.parts import Parts, nonzeros, write_parts
 from tca.query.sql import connect, in_transaction
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 from tca.train.checkpoint import load_adapters as load_adapter_set
-from tca.train.checkpoint import store_models
+from tca.train.checkpoint import named_set, store_models
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class IndexAdapter:
         return self.W_dec.shape[0]
 
 
-def load_adapters(path: str | Path, name: str | None = None) -> list[IndexAdapter]:
+def adapter_layers(path: str | Path, name: str | None = None) -> list[IndexAdapter]:
     """Every layer's adapter of one adapter set written by the trainer (named after its directory)."""
     aset = load_adapter_set(path)
     name = name or Path(path).resolve().name
@@ -142,13 +142,13 @@ class IndexSummary:
 def build_index(cfg: IndexConfig) -> IndexSummary:
     """Load the store and adapters named by ``cfg`` and index them; every refusal comes before
     anything is written."""
-    specs = [_adapter_spec(spec) for spec in cfg.adapters]
+    specs = [named_set(spec) for spec in cfg.adapters]
     check_not_input(cfg.out, [cfg.store, *(path for _, path in specs)])
     held = _held_adapters(cfg.out)
     store = Store.open(cfg.store, storage_options=cfg.storage_options)
     adapters: list[IndexAdapter] = []
     for name, path in specs:
-        adapters += load_adapters(path, name)
+        adapters += adapter_layers(path, name)
     layers = select_layers(cfg.layers, {a.layer for a in adapters}, "the adapters cover")
     adapters = [a for a in adapters if a.layer in layers]
     _check(store, adapters)
@@ -259,12 +259,6 @@ def index_adapters(
             if written is not None:
                 written.remove()
     return summary
-
-
-def _adapter_spec(spec: str) -> tuple[str | None, str]:
-    """``NAME=DIR`` or ``DIR`` as (name or None, directory)."""
-    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-    return name or None, path
 
 
 def _wal(path: Path) -> Path:

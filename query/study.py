@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from tca import Device, ModelDtype, TcaError
-from tca.adapted.attribute import adapter_name, attribute
+from tca.adapted.attribute import attribute
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import conversation_records, prompt_records
 from tca.adapted.evaluate import mode as computing_as
@@ -61,6 +61,7 @@ from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
 from tca.query.stats import Estimate, Thresholds
 from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, SHARE, Range, at_least, check_ranges
+from tca.train.checkpoint import named_set
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     thresholds = Thresholds(cut=cfg.cut, accuracy_tolerance=cfg.accuracy_tolerance,
                             control_quantile=cfg.control_quantile, sufficient_fraction=cfg.sufficient_fraction,
                             frequency_ratio=cfg.control_frequency_ratio, resamples=cfg.resamples)
-    name, path = adapter_name(cfg.adapters)
+    name, path = named_set(cfg.adapters)
     check_writable(cfg.index, name)  # a wrong index or name fails before the models load
     tokenizer = target_tokenizer(cfg.target)
     word_ids = single_token_ids(tokenizer, cfg.words)

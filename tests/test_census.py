@@ -15,14 +15,14 @@ import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import DEMO_PAIR
+
 from tca import TcaError
 from tca.cache.store import Store, StoreSpec
 from tca.cli import main
 from tca.query import census
 from tca.query.census import CensusConfig, run_census
-from tca.query.index import index_adapters, load_adapters
+from tca.query.index import adapter_layers, index_adapters
 from tca.query.sql import connect, run_sql
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, save_adapters
@@ -135,7 +135,7 @@ def build_planted(root: Path, n_docs: int = 40, keep: float = 0.9, seed: int = 0
         ad.W_dec.copy_(torch.randn(F, D))
     save_adapters(root / "planted", AdapterSet({LAYER: ad.eval()}, cfg))
     index = root / "planted.duckdb"
-    index_adapters(store, load_adapters(root / "planted"), index)
+    index_adapters(store, adapter_layers(root / "planted"), index)
     return {"index": index, "docs": docs, "truth": truth, "tokens": tokens, "stored": {t for t, _ in rows}}
 
 
@@ -305,7 +305,7 @@ def test_demo_pair_census_runs_in_seconds(demo_run, tmp_path):
     if not (DEMO_PAIR / "base").is_dir():
         pytest.skip("the demo pair is missing")
     index = tmp_path / "demo.duckdb"
-    index_adapters(Store.open(str(demo_run.store)), load_adapters(demo_run.adapters, "demo"), index)
+    index_adapters(Store.open(str(demo_run.store)), adapter_layers(demo_run.adapters, "demo"), index)
     start = time.perf_counter()
     report = run_census(CensusConfig(index=index))
     assert time.perf_counter() - start < 10

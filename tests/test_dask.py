@@ -18,7 +18,7 @@ from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.stats import QUANTILES, compute_stats
 from tca.cache.store import Store, StoreSpec
 from tca.cli import main
-from tca.query.index import index_adapters, load_adapters
+from tca.query.index import adapter_layers, index_adapters
 from tca.query.sql import query
 from tca.train.adapter import Adapter, AdapterConfig
 from tca.train.checkpoint import AdapterSet, save_adapters
@@ -122,7 +122,7 @@ def test_index_from_dask_parts_equals_single_process(client, stores, tmp_path, w
     for name, activation, seed in (("relu", "relu", 1), ("topk", "topk", 2)):
         if not (root / name).exists():
             _adapter_set(root / name, activation, seed)
-    adapters = load_adapters(root / "relu") + load_adapters(root / "topk")
+    adapters = adapter_layers(root / "relu") + adapter_layers(root / "topk")
     index_adapters(store, adapters, tmp_path / "one.duckdb", batch_rows=20)
     parts = tmp_path / "parts"
     summary = index_adapters(store, adapters, tmp_path / "dask.duckdb", batch_rows=20, client=client, parts=str(parts))
@@ -153,7 +153,7 @@ def test_cli_stats_and_index_on_a_local_cluster(stores, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["workers"] == 2
     ref = tmp_path / "ref.duckdb"
-    index_adapters(Store.open(store), load_adapters(stores["root"] / "relu"), ref)
+    index_adapters(Store.open(store), adapter_layers(stores["root"] / "relu"), ref)
     assert query(out, TABLES["activations"]).equals(query(ref, TABLES["activations"]))
     assert not (tmp_path / "cli.duckdb.parts").exists() or not any((tmp_path / "cli.duckdb.parts").iterdir())
 

@@ -22,7 +22,7 @@ from tca.outputs import atomic_dir, atomic_file, check_output
 from tca.query import index as index_mod
 from tca.query import render as render_mod
 from tca.query import report as report_mod
-from tca.query.index import IndexConfig, build_index, index_adapters, load_adapters
+from tca.query.index import IndexConfig, adapter_layers, build_index, index_adapters
 from tca.query.render import run_sql_command
 from tca.query.report import ReportConfig, make_report
 from tca.query.sql import SqlConfig, query
@@ -48,7 +48,7 @@ def world(tmp_path_factory):
     sets = {"relu-a": _make_set("relu", 1), "topk-b": _make_set("topk", 2)}
     for name, aset in sets.items():
         save_adapters(root / name, aset)
-    index_adapters(store, load_adapters(root / "relu-a"), root / "one.duckdb", batch_rows=50)
+    index_adapters(store, adapter_layers(root / "relu-a"), root / "one.duckdb", batch_rows=50)
     return {"root": root, "store": store, "sets": sets, "index": root / "one.duckdb"}
 
 

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +18,7 @@ from tca import TcaError
 from tca.cache.store import Store, StoreSpec
 from tca.cli import main
 from tca.query import index as index_mod
-from tca.query.index import IndexAdapter, index_adapters, load_adapters
+from tca.query.index import IndexAdapter, adapter_layers, index_adapters
 from tca.query.lens import LogitLens
 from tca.query.sql import connect, query, run_sql
 from tca.train.adapter import Adapter, AdapterConfig
@@ -92,7 +91,7 @@ def world(tmp_path_factory, tiny_pair):
         save_adapters(root / name, aset)
     lens = LogitLens.from_pretrained(tiny_pair[1])
     out = root / "one.duckdb"
-    index_adapters(store, load_adapters(root / "relu-a"), out, lens=lens, batch_rows=50)
+    index_adapters(store, adapter_layers(root / "relu-a"), out, lens=lens, batch_rows=50)
     return {"root": root, "store": store, "sets": sets, "index": out, "lens": lens, "target": tiny_pair[1]}
 
 
@@ -291,7 +290,7 @@ def test_region_profile(world):
 def two_adapters(world, tmp_path):
     out = tmp_path / "two.duckdb"
     shutil.copy(world["index"], out)
-    index_adapters(world["store"], load_adapters(world["root"] / "topk-b"), out, batch_rows=64)
+    index_adapters(world["store"], adapter_layers(world["root"] / "topk-b"), out, batch_rows=64)
     return out
 
 
@@ -318,7 +317,7 @@ def test_reindex_replaces_and_failure_keeps_old(world, tmp_path, monkeypatch):
     shutil.copy(world["index"], out)
     before = query(out, "SELECT * FROM activations ORDER BY ALL")
     before_features = query(out, "SELECT * FROM features ORDER BY ALL")
-    adapters = load_adapters(world["root"] / "relu-a")
+    adapters = adapter_layers(world["root"] / "relu-a")
 
     real_replace = index_mod._replace
 

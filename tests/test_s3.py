@@ -20,7 +20,7 @@ from tca.cache.plan import PlanConfig
 from tca.cache.stats import compute_stats
 from tca.cache.store import Store
 from tca.cli import main
-from tca.query.index import index_adapters, load_adapters
+from tca.query.index import adapter_layers, index_adapters
 from tca.query.sql import query
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
@@ -153,7 +153,7 @@ def adapters(stores, tmp_path_factory):
 
 
 def test_index_and_query_with_the_store_on_s3(stores, adapters, tmp_path):
-    ads = load_adapters(adapters)
+    ads = adapter_layers(adapters)
     index_adapters(stores["local"], ads, tmp_path / "local.duckdb", batch_rows=100)
     index_adapters(stores["s3"], ads, tmp_path / "s3.duckdb", batch_rows=100)
     with dask_client(ClusterConfig(workers=2)) as client:

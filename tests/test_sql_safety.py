@@ -12,12 +12,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_query import LAYERS, _make_set, _make_store, _reference
 
 from tca import TcaError
-from tca.query.index import index_adapters, load_adapters
+from tca.query.index import adapter_layers, index_adapters
 from tca.query.sql import connect, query, run_sql
 from tca.train.checkpoint import save_adapters
-from test_query import LAYERS, _make_set, _make_store, _reference
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def world(tmp_path_factory):
     store = _make_store(root / "store")
     sets = {"relu-a": _make_set("relu", 1)}
     save_adapters(root / "relu-a", sets["relu-a"])
-    index_adapters(store, load_adapters(root / "relu-a"), root / "one.duckdb", batch_rows=50)
+    index_adapters(store, adapter_layers(root / "relu-a"), root / "one.duckdb", batch_rows=50)
     secret = root / "secret.txt"
     secret.write_text("the-secret-line\n")
     (root / "secret.csv").write_text("secret\nthe-secret-line\n")

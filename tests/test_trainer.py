@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from tca.cache.store import Store
 from tca.cli import main
 from tca.kernels import DensityGate, sparse_adapter
+from tca.query.index import adapter_layers as load_index_adapters
 from tca.query.index import index_adapters
-from tca.query.index import load_adapters as load_index_adapters
 from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train import adapter as adapter_module
 from tca.train.checkpoint import load_adapters

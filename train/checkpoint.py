@@ -100,6 +100,13 @@ def save_adapters(path: str | Path, aset: AdapterSet) -> Path:
     return path
 
 
+def named_set(spec: str) -> tuple[str, str]:
+    """(name, directory) of an ``[NAME=]DIR`` adapter-set argument: the name given, else the
+    directory's own (how an index and its attributions name the set)."""
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    return name or Path(path).resolve().name, path
+
+
 def load_adapters(path: str | Path) -> AdapterSet:
     """Read an adapter set directory written by ``save_adapters``."""
     path = Path(path)
