@@ -374,14 +374,18 @@ def _adapted(add, t: ModelShape, work: Workload, e: int, name: str, dev: str, ho
 
 
 def _logit_lens(add, t: ModelShape, work: Workload) -> None:
-    """query/lens.py reads the final norm and every [vocab, d] output tensor there is (lm_head and,
-    untied, embed_tokens too) as stored, keeps the unembedding in float32, and scores ``tokens``
-    decoder rows at a time (their logits and, for the bottom tokens, the negated logits)."""
+    """query/lens.py opens the final norm and every [vocab, d] output tensor there is (lm_head and,
+    untied, embed_tokens too) as safetensors maps them, converts the unembedding to float32, and
+    scores ``tokens`` decoder rows at a time (their logits and, for the bottom tokens, the negated
+    logits). A mapped tensor is resident only once read: the unembedding while it converts; an
+    untied input embedding is never read (tests/test_7b_shape.py measures both)."""
     w = _ITEMSIZE[t.dtype]
-    n_read = 1 if t.tied else 2
     add("cpu", "weights", f"unembedding in float32: [{t.vocab}, {t.d}]", t.vocab * t.d * _F32)
-    add("cpu", "copies", f"{n_read} [{t.vocab}, {t.d}] tensors as stored ({t.dtype}) while they load",
-        n_read * t.vocab * t.d * w, "loading")
+    add("cpu", "copies", f"the unembedding as stored ({t.dtype}), mapped and read while it converts",
+        t.vocab * t.d * w, "loading")
+    if not t.tied:
+        add("cpu", "weights", f"input embedding mapped beside it and never read: "
+            f"{t.vocab * t.d * w / 1e9:.2f} GB not resident", 0)
     add("cpu", "activations", f"logits of {work.tokens} decoder rows and their negation: 2 x [{work.tokens}, {t.vocab}]",
         2 * work.tokens * t.vocab * _F32, "logit lens")
 
