@@ -519,83 +519,15 @@ def stage_kernels(ctx: Context) -> None:
         last = time.perf_counter() - t0
 
 
-def train_step_ratio(device, d: int, features: int, batch: int, l0: int | None, reps: int) -> dict:
-    """bench/train.py's ``step`` figure on ``device`` (its ``step_ratio`` runs on the CPU): the
-    same adapter, bias placement for ``l0`` and dense reference step, timed by bench/kernels.py's
-    ``fastest_seconds`` (taking turns, synchronised on CUDA)."""
-    import torch
-
-    from tca.train.adapter import Adapter, AdapterConfig, train_step
-
-    tb, kb = bench_module("train"), bench_module("kernels")
-    g = torch.Generator().manual_seed(0)
-    x, delta = torch.randn(batch, d, generator=g).to(device), torch.randn(batch, d, generator=g).to(device)
-    adapter = Adapter(AdapterConfig(d_model=d, n_features=features, l1=0.1), g)
-    with torch.no_grad():
-        adapter.W_dec.normal_(0, 0.05, generator=g)
-    adapter.to(device)
-    with torch.no_grad():
-        if l0 is not None:
-            pre = (x @ adapter.W_enc).flatten()
-            adapter.b_enc.fill_(-float(pre.kthvalue(int(pre.numel() * (1 - l0 / features))).values))
-    opt = torch.optim.AdamW(adapter.parameters(), lr=8e-4, weight_decay=0.0)
-    params = [p.detach().clone().requires_grad_() for p in (adapter.W_enc, adapter.b_enc, adapter.W_dec, adapter.b_dec)]
-    ref_opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.0)
-    paths = []
-
-    def tca_step():
-        paths.append(train_step(adapter, opt, x, delta).out.path)
-
-    secs = kb.fastest_seconds({"tca": tca_step, "dense": lambda: tb.dense_reference_step(x, delta, params, ref_opt, 0.1)},
-                              device, reps)
-    with torch.no_grad():
-        measured = float((torch.relu(x @ adapter.W_enc + adapter.b_enc) > 0).sum(1).float().mean())
-    return {"tca_step_ms": round(secs["tca"] * 1e3, 2), "dense_step_ms": round(secs["dense"] * 1e3, 2),
-            "speedup": round(secs["dense"] / secs["tca"], 3), "l0_target": l0, "l0": round(measured, 2),
-            "tca_path": paths[-1], "d": d, "features": features, "batch": batch, "activation": "relu"}
-
-
 def stage_train(ctx: Context) -> None:
     d, features, batch = ctx.mode.step
     for l0 in ctx.mode.step_l0s:
-        ctx.emit(figure="train_step", **train_step_ratio(ctx.device, d, features, batch, l0, ctx.mode.step_reps))
-
-
-def harvest_compute_seconds(cfg, device) -> float:
-    """bench/harvest.py's ``compute_only`` on ``device`` (it loads onto the CPU): the target forward
-    up to the last selected layer plus both MLPs on the captured x, in the harvest's batches,
-    with models and inputs already in memory, loaded as cache/harvest.py loads them."""
-    import torch
-
-    from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
-    from tca.cache.harvest import batch_inputs, plan_batches
-    from tca.cache.layers import select_layers
-    from tca.cache.models import find_model, live_mlps, load_base_mlps, load_model, load_tokenizer, resolve_dtype
-    from tca.cache.plan import build_plan
-
-    target_src, base_src = find_model(cfg.target), find_model(cfg.base)
-    layers = select_layers(cfg.layers, range(target_src.n_layers))
-    tokenizer = load_tokenizer(target_src)
-    plan = build_plan(cfg.plan, tokenizer)
-    model = load_model(target_src, resolve_dtype(cfg.dtype, device, target_src.config, checkpoint_on_cpu=True), device)
-    mlps = PairedMlps(base=load_base_mlps(base_src, layers, device),
-                      target=live_mlps(model, layers, target_src.config.get("hidden_act", "silu")))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [[t.to(device) for t in batch_inputs(plan, b, pad_id)]
-               for b in plan_batches(plan, cfg.batch_tokens) if b.row1 > b.row0]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for ids, mask, select in batches:
-        rows_from_inputs(mlp_inputs(model, layers, ids, mask), select, mlps, cfg.store_y)
-    sync()
-    return time.perf_counter() - t0
+        ctx.emit(figure="train_step", **bench_module("train").step_ratio(d, features, batch, ctx.mode.step_reps, l0,
+                                                                         ctx.device))
 
 
 def stage_harvest(ctx: Context) -> None:
-    import torch
-
-    from tca.cache.harvest import HarvestConfig, harvest
+    from tca.cache.harvest import HarvestConfig
     from tca.cache.plan import PlanConfig
     from tca.toy.tiny import tiny_conversations, write_jsonl
 
@@ -607,16 +539,7 @@ def stage_harvest(ctx: Context) -> None:
     cfg = HarvestConfig(base=str(ctx.fixture / "base"), target=str(ctx.fixture / "target"), out=str(out),
                         plan=PlanConfig(data=str(data), max_tokens=tokens, seq_len=512),
                         batch_tokens=ctx.mode.batch_tokens, device=ctx.device.type)
-    before = harvest_compute_seconds(cfg, ctx.device)
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()  # the harvest's memory plan sees what the measurement freed
-    result = harvest(cfg)
-    after = harvest_compute_seconds(cfg, ctx.device)
-    compute = (before + after) / 2  # before and after, as bench/harvest.py: drift falls on both sides
-    ctx.emit(figure="harvest_overhead", ratio=round(result.seconds / compute, 3), harvest_s=round(result.seconds, 3),
-             compute_s=round(compute, 3), compute_s_before=round(before, 3), compute_s_after=round(after, 3),
-             tokens=result.n_tokens, rows=result.n_rows, layers=cfg.layers, batch_tokens=cfg.batch_tokens,
-             tokens_per_s=round(result.n_tokens / result.seconds), device=ctx.device.type)
+    ctx.emit(figure="harvest_overhead", **bench_module("harvest").harvest_ratio(cfg, ctx.device))
 
 
 class StageFailed(Exception):

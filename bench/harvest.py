@@ -2,16 +2,21 @@
 
     python bench/harvest.py                 # the demo pair in examples/toy-pair
     python bench/harvest.py --tiny          # a random pair built on the spot (no demo pair needed)
+    python bench/harvest.py --shape 7b      # a 2-layer pair of Qwen2.5-7B's shapes (6.2 GB, built
+                                            # in about 2 minutes; --fixture DIR keeps it for reuse)
 
 Prints JSON lines, each a ratio measured side by side in one run:
 
 - ``harvest_overhead``: wall time of a whole harvest (plan, model loading, forward passes,
   writing) ÷ the unavoidable compute over the same tokens done back to back in memory
   (the target forward up to the last selected layer plus both MLPs on the captured x, in the
-  harvest's own batches), timed before and after the harvest and averaged;
+  harvest's own batches and torch threads), timed before and after the harvest and averaged
+  (design.md §12: limit 1.0, goal ≤ 1.10);
 - ``bytes_per_row``: bytes on disk of the layer arrays per stored row per layer ÷ (2·d·itemsize);
 - ``store_io``: write and read MB/s of each chunk layout (and compressor) ÷ plain sequential
   numpy I/O of the same bytes (``tofile``/``fromfile``).
+
+``compute_only`` and ``harvest_ratio`` take the device: bench/gpu_check.py calls them on CUDA.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.harvest import HarvestConfig, batch_inputs, harvest, plan_batches
 from tca.cache.layers import select_layers
@@ -39,42 +43,70 @@ from tca.cache.models import (
 )
 from tca.cache.plan import PlanConfig, build_plan
 from tca.cache.store import Store, StoreSpec
+from tca.cache.threads import DEFAULT_THREADS, torch_threads
 from tca.toy.tiny import build_tiny_pair, tiny_conversations, write_jsonl
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "toy-pair"
+CPU = torch.device("cpu")
+SIZES = {"toy": {"max_tokens": 20000, "batch_tokens": 4096}, "7b": {"max_tokens": 2048, "batch_tokens": 512}}
+"""Defaults of --max-tokens and --batch-tokens per --shape: at 7B a token of the 2-layer pair costs
+about 2.6 GFLOP on one core, so 2048 tokens take minutes per pass, and the harvest needs several
+batches to overlap writing with computing."""
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def compute_only(cfg: HarvestConfig) -> float:
-    """Seconds of the forward passes and MLPs of a harvest, with everything already in memory."""
+def compute_only(cfg: HarvestConfig, device: torch.device = CPU) -> tuple[float, float]:
+    """Wall and CPU seconds of the forward passes and MLPs of a harvest on ``device``, with models
+    and inputs already in memory, loaded as cache/harvest.py loads them and run in its torch threads."""
     target_src, base_src = find_model(cfg.target), find_model(cfg.base)
     layers = select_layers(cfg.layers, range(target_src.n_layers))
     tokenizer = load_tokenizer(target_src)
     plan = build_plan(cfg.plan, tokenizer)
-    cpu = torch.device("cpu")
-    model = load_model(target_src, resolve_dtype(cfg.dtype, cpu, target_src.config, checkpoint_on_cpu=True), cpu)
-    mlps = PairedMlps(load_base_mlps(base_src, layers), live_mlps(model, layers, target_src.config["hidden_act"]))
-    batches = [batch_inputs(plan, b, 0) for b in plan_batches(plan, cfg.batch_tokens) if b.row1 > b.row0]
-    t0 = time.perf_counter()
-    for ids, mask, select in batches:
-        rows_from_inputs(mlp_inputs(model, layers, ids, mask), select, mlps, cfg.store_y)
-    return time.perf_counter() - t0
+    model = load_model(target_src, resolve_dtype(cfg.dtype, device, target_src.config, checkpoint_on_cpu=True), device)
+    mlps = PairedMlps(base=load_base_mlps(base_src, layers, device),
+                      target=live_mlps(model, layers, target_src.config.get("hidden_act", "silu")))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [[t.to(device) for t in batch_inputs(plan, b, pad_id)]
+               for b in plan_batches(plan, cfg.batch_tokens) if b.row1 > b.row0]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch_threads(cfg.threads):
+        sync()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for ids, mask, select in batches:
+            rows_from_inputs(mlp_inputs(model, layers, ids, mask), select, mlps, cfg.store_y)
+        sync()
+        return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def harvest_ratio(cfg: HarvestConfig, device: torch.device) -> dict:
+    """The ``harvest_overhead`` figure: a whole harvest's wall time ÷ ``compute_only``'s, timed before
+    and after it so that drift of the machine falls on both sides; and ``cpu_ratio``, the same in CPU
+    seconds of this process (the writer threads' included), which other work on a shared machine
+    does not inflate."""
+    before, cpu_before = compute_only(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the harvest's memory plan sees what the measurement freed
+    cpu0 = time.process_time()
+    result = harvest(cfg)
+    harvest_cpu = time.process_time() - cpu0
+    after, cpu_after = compute_only(cfg, device)
+    compute, compute_cpu = (before + after) / 2, (cpu_before + cpu_after) / 2
+    return dict(ratio=round(result.seconds / compute, 3), harvest_s=round(result.seconds, 3),
+                compute_s=round(compute, 3), compute_s_before=round(before, 3), compute_s_after=round(after, 3),
+                cpu_ratio=round(harvest_cpu / compute_cpu, 3), harvest_cpu_s=round(harvest_cpu, 3),
+                compute_cpu_s=round(compute_cpu, 3), tokens=result.n_tokens, rows=result.n_rows, layers=cfg.layers,
+                batch_tokens=cfg.batch_tokens, tokens_per_s=round(result.n_tokens / result.seconds),
+                threads=cfg.threads, device=device.type)
 
 
 def bench_overhead(base: Path, target: Path, data: Path, work: Path, args) -> None:
     plan = PlanConfig(data=str(data), max_tokens=args.max_tokens, seq_len=args.seq_len)
     cfg = HarvestConfig(base=str(base), target=str(target), out=str(work / "store"), plan=plan,
-                        layers=args.layers, batch_tokens=args.batch_tokens, device="cpu")
-    before = compute_only(cfg)
-    result = harvest(cfg)
-    after = compute_only(cfg)
-    compute = (before + after) / 2
-    emit(figure="harvest_overhead", ratio=round(result.seconds / compute, 3), harvest_s=round(result.seconds, 3),
-         compute_s=round(compute, 3), compute_s_before=round(before, 3), compute_s_after=round(after, 3),
-         tokens=result.n_tokens, rows=result.n_rows, layers=args.layers)
+                        layers=args.layers, batch_tokens=args.batch_tokens, device=args.device, threads=args.threads)
+    emit(figure="harvest_overhead", **harvest_ratio(cfg, torch.device(args.device)))
     store = Store.open(cfg.out)
     itemsize = torch.empty(0, dtype=store.dtype).element_size()
     layer_bytes = store.fs.du(f"{store.root}/layers", total=True)
@@ -122,30 +154,63 @@ def bench_io(work: Path, args) -> None:
             shutil.rmtree(url)
 
 
+def seven_b_pair(fixture: Path | None, work: Path) -> tuple[Path, Path]:
+    """The 2-layer pair of Qwen2.5-7B's shapes (tca.toy.pairs.QWEN2_7B), built into ``fixture`` (or
+    the scratch folder) unless it is already there."""
+    import dataclasses
+
+    from tca.toy.pairs import QWEN2_7B, build_random_pair
+    from tca.toy.tiny import tiny_tokenizer
+
+    folder = fixture or work / "pair-7b"
+    if not (folder / "target" / "config.json").exists():
+        t0 = time.perf_counter()
+        build_random_pair(folder, dataclasses.replace(QWEN2_7B, layers=2), tiny_tokenizer())
+        emit(figure="fixture", path=str(folder), build_s=round(time.perf_counter() - t0, 1))
+    return folder / "base", folder / "target"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", type=Path, default=DEMO, help="Demo pair folder (base/, reasoning/, data/).")
     p.add_argument("--tiny", action="store_true", help="Use a random pair built on the spot instead.")
+    p.add_argument("--shape", choices=("toy", "7b"), default="toy",
+                   help="7b: a random 2-layer pair of Qwen2.5-7B's shapes, with toy traces as data.")
+    p.add_argument("--fixture", type=Path, default=None,
+                   help="--shape 7b: folder of the pair, reused when it holds one, else built there and kept.")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads of the harvest and of "
+                   "the compute it is measured against (the harvest's --threads).")
     p.add_argument("--layers", default="all")
-    p.add_argument("--max-tokens", type=int, default=20000)
+    p.add_argument("--max-tokens", type=int, default=None, help="Default: 20000; --shape 7b 2048.")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=None, help="Default: 4096; --shape 7b 512.")
     p.add_argument("--io-mb", type=float, default=128, help="MB of rows written per layout.")
     p.add_argument("--io-d", type=int, default=3584, help="Row width of the I/O benchmark (7B: 3584).")
     p.add_argument("--block-rows", type=int, default=4096)
     p.add_argument("--chunk-rows", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     args = p.parse_args()
+    for name, value in SIZES[args.shape].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
-        if args.tiny or not (args.pair / "reasoning").exists():
+        if args.shape == "7b":
+            base, target = seven_b_pair(args.fixture, work)
+            # the toy traces run to about 45 tokens each
+            data = write_jsonl(tiny_conversations(args.max_tokens // 30), work / "data.jsonl")
+            pair = "7b"
+        elif args.tiny or not (args.pair / "reasoning").exists():
             if not args.tiny:
                 raise SystemExit(f"no demo pair at {args.pair}; build it (tca build-pair) or pass --tiny")
             base, target = build_tiny_pair(work / "pair", hidden_size=256, intermediate_size=768, num_layers=4)
             data = write_jsonl(tiny_conversations(600), work / "data.jsonl")
+            pair = "tiny"
         else:
             base, target, data = args.pair / "base", args.pair / "reasoning", args.pair / "data" / "train.jsonl"
-        emit(figure="setup", pair="tiny" if args.tiny else str(args.pair), threads=torch.get_num_threads())
+            pair = str(args.pair)
+        emit(figure="setup", pair=pair, threads=args.threads, device=args.device)
         bench_overhead(base, target, data, work, args)
         bench_io(work, args)
 

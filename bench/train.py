@@ -9,22 +9,31 @@
 
 Runs on a synthetic bf16 store written to a temporary directory.
 ``python bench/train.py [--rows 65536] [--d 256] [--features 2048]``
+``python bench/train.py --shape 7b``: the step figure alone at the 7B pair's width (d 3584, 8192
+features; batch 1024, where a dense step takes 3 s on one CPU core, 12 s at 4096 rows). The
+loader and trainer figures measure reading, which the store's width does not change.
+
+``step_ratio`` takes the device: bench/gpu_check.py calls it on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-
 from tca.cache.store import Store, from_stored
 from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
 from tca.train.loader import ActivationLoader, LoaderConfig
 from tca.train.trainer import TrainConfig, Trainer
+
+CPU = torch.device("cpu")
 
 
 def emit(**fields) -> None:
@@ -108,33 +117,47 @@ def dense_reference_step(x, delta, params, opt, l1: float):
     opt.step()
 
 
-def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None) -> dict:
-    """One ReLU step each way; with ``l0``, b_enc is set so that about ``l0`` features fire
-    per row, as in a trained adapter (without it, the freshly initialised, dense adapter)."""
+def fastest_seconds(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
+    """bench/kernels.py's timing (turns taken, a warm-up turn, synchronised on CUDA), loaded by path:
+    bench/ is no package, and ``import kernels`` from the repository root finds tca's kernels/."""
+    name = "tca_bench_kernels"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("kernels.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name].fastest_seconds(fns, device, reps)
+
+
+def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None, device: torch.device = CPU) -> dict:
+    """One ReLU step each way on ``device``, the fastest of ``repeats`` turns; with ``l0``, b_enc is
+    set so that about ``l0`` features fire per row, as in a trained adapter (without it, the freshly
+    initialised, dense adapter)."""
     g = torch.Generator().manual_seed(0)
-    x, delta = torch.randn(batch, d, generator=g), torch.randn(batch, d, generator=g)
+    x, delta = torch.randn(batch, d, generator=g).to(device), torch.randn(batch, d, generator=g).to(device)
     adapter = Adapter(AdapterConfig(d_model=d, n_features=features, l1=0.1), g)
     with torch.no_grad():
         adapter.W_dec.normal_(0, 0.05, generator=g)
+    adapter.to(device)
+    with torch.no_grad():
         if l0 is not None:
             pre = (x @ adapter.W_enc).flatten()
             adapter.b_enc.fill_(-float(pre.kthvalue(int(pre.numel() * (1 - l0 / features))).values))
     opt = torch.optim.AdamW(adapter.parameters(), lr=8e-4, weight_decay=0.0)
     params = [p.detach().clone().requires_grad_() for p in (adapter.W_enc, adapter.b_enc, adapter.W_dec, adapter.b_dec)]
     ref_opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.0)
+    paths = []
 
     def tca_step():
-        train_step(adapter, opt, x, delta)
+        paths.append(train_step(adapter, opt, x, delta).out.path)
 
-    times = {"tca": [], "dense": []}
-    for _ in range(repeats):  # interleaved, so load from other processes hits both alike
-        for name, fn in (("tca", tca_step), ("dense", lambda: dense_reference_step(x, delta, params, ref_opt, 0.1))):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    tca, dense = min(times["tca"]), min(times["dense"])
-    measured_l0 = float((torch.relu(x @ adapter.W_enc + adapter.b_enc) > 0).sum(1).float().mean())
-    return {"tca_step_ms": tca * 1e3, "dense_step_ms": dense * 1e3, "speedup": dense / tca, "l0": measured_l0}
+    secs = fastest_seconds({"tca": tca_step, "dense": lambda: dense_reference_step(x, delta, params, ref_opt, 0.1)},
+                           device, repeats)
+    with torch.no_grad():
+        measured = float((torch.relu(x @ adapter.W_enc + adapter.b_enc) > 0).sum(1).float().mean())
+    return {"tca_step_ms": round(secs["tca"] * 1e3, 2), "dense_step_ms": round(secs["dense"] * 1e3, 2),
+            "speedup": round(secs["dense"] / secs["tca"], 3), "l0_target": l0, "l0": round(measured, 2),
+            "tca_path": paths[-1], "d": d, "features": features, "batch": batch, "activation": "relu",
+            "device": device.type, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -142,10 +165,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=131072)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--features", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=None, help="Rows per batch (default 4096; --shape 7b 1024).")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--shape", choices=("toy", "7b"), default="toy",
+                    help="7b: only the step figure, at d 3584 and 8192 features (batch 1024 unless --batch is given).")
+    ap.add_argument("--repeats", type=int, default=5, help="Timed turns of each step (after a warm-up turn).")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the figures docs/ quotes from this "
+                    "bench ran at 2; tca train's own default is tca.cache.threads.DEFAULT_THREADS).")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.shape == "7b":
+        for l0 in (None, 10):
+            emit(bench="step", shape="7b", **step_ratio(3584, 8192, args.batch or 1024, args.repeats, l0, device))
+        return
+    args.batch = args.batch or 4096
     with tempfile.TemporaryDirectory() as tmp:
         doc_len = 256
         spec = SyntheticSpec(d_model=args.d, layers=(0,), n_docs=args.rows // doc_len, doc_len=doc_len,
@@ -165,8 +200,7 @@ def main() -> None:
         emit(bench="trainer", **trainer_ratio(f"{tmp}/store", f"{tmp}/run", args.features, args.batch, args.steps),
              features=args.features, d=args.d, batch=args.batch)
         for l0 in (None, 10):
-            emit(bench="step", **step_ratio(args.d, args.features, args.batch, repeats=5, l0=l0),
-                 features=args.features, d=args.d, batch=args.batch, activation="relu")
+            emit(bench="step", **step_ratio(args.d, args.features, args.batch, args.repeats, l0, device))
 
 
 if __name__ == "__main__":
