@@ -36,11 +36,13 @@ from tqdm import tqdm
 from tca import TcaError
 from tca.cache.cluster import ClusterConfig, dask_client
 from tca.cache.layers import select_layers
+from tca.cache.memory import Workload, check_memory, memory_plan
+from tca.cache.models import find_model
 from tca.cache.store import Store, from_stored
 from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.outputs import atomic_file, check_not_input
 from tca.query import schema
-from tca.query.lens import LogitLens
+from tca.query.lens import LENS_BATCH, LogitLens
 from tca.query.parts import Parts, nonzeros, write_parts
 from tca.query.sql import connect, in_transaction
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
@@ -158,6 +160,11 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
         raise TcaError(f"--out {cfg.out} already holds adapter {name} layer {layer}; pass --overwrite to replace it "
                        "or name this set apart with NAME=DIR.")
     lens_dir = cfg.target or _recorded_target(store, adapters)
+    if lens_dir:
+        # the logit lens is this command's one model: its plan is logged and checked before it loads
+        rows = min(max(a.W_dec.shape[0] for a in adapters), LENS_BATCH)
+        check_memory(memory_plan(Workload("index", tokens=rows), find_model(lens_dir).config, None, torch.float32,
+                                 torch.device("cpu")))
     lens = LogitLens.from_pretrained(lens_dir) if lens_dir else None
     if lens is None:
         log.warning("no target model found for the logit lens; pass --target to fill top_logits/bottom_logits")

@@ -23,6 +23,10 @@ _NORM = "model.norm.weight"
 _UNEMBED = ("lm_head.weight", "model.embed_tokens.weight")  # the second when embeddings are tied
 
 
+LENS_BATCH = 1024
+"""Decoder rows scored against the vocabulary at once (the index's memory plan counts them)."""
+
+
 @dataclass
 class LogitLens:
     """The target's final RMSNorm and unembedding, with the tokenizer that names the logits."""
@@ -66,7 +70,7 @@ class LogitLens:
         normed = d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         return normed @ self.unembed.T
 
-    def top_bottom(self, directions: torch.Tensor, n: int = 10, batch: int = 1024) -> tuple[list[list[str]], list[list[str]]]:
+    def top_bottom(self, directions: torch.Tensor, n: int = 10, batch: int = LENS_BATCH) -> tuple[list[list[str]], list[list[str]]]:
         """The ``n`` most promoted and most suppressed tokens of each direction, strongest first."""
         if directions.shape[1] != self.d_model:
             raise TcaError(

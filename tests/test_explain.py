@@ -20,18 +20,25 @@ from pathlib import Path
 import duckdb
 import pytest
 from click.testing import CliRunner
-
 from conftest import DEMO_PAIR
+from test_census import build_planted
+
 from tca import TcaError
 from tca.cli import main
 from tca.query import judge
 from tca.query.chat import Answer, ChatClient, final_text, refused
-from tca.query.explain import (ExplainConfig, estimate_tokens, explain, explain_request, parse_class, parse_explanation,
-                               select_features)
+from tca.query.explain import (
+    ExplainConfig,
+    estimate_tokens,
+    explain,
+    explain_request,
+    parse_class,
+    parse_explanation,
+    select_features,
+)
 from tca.query.report import write_all, write_report
 from tca.query.sql import connect, run_sql
 from tca.toy.serve import ChatServer, HFModel, OracleJudge, RandomJudge, Scripted, ServeConfig, make_server
-from test_census import build_planted
 
 LIVE = [0, 1, 2, 3, 4, 7]
 """The planted features with at least 10 activations (5 is too rare, 6 dead)."""

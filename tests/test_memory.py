@@ -19,7 +19,15 @@ from tca.adapted.splice import load_adapted
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.harvest import HarvestConfig, harvest
 from tca.cache.memory import Workload, check_memory, memory_plan, model_shape
-from tca.cache.models import find_model, live_mlps, load_base_mlps, load_model, load_pretrained, mlp_forward, resolve_dtype
+from tca.cache.models import (
+    find_model,
+    live_mlps,
+    load_base_mlps,
+    load_model,
+    load_pretrained,
+    mlp_forward,
+    resolve_dtype,
+)
 from tca.cache.plan import PlanConfig
 from tca.cache.store import Store
 from tca.train.checkpoint import save_adapters
