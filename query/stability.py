@@ -43,6 +43,9 @@ class SeedFindings:
     target_hesitations: Estimate
     """The target's hesitations per response on the verdict prompts (what the clamp is judged against)."""
     clamp_scale: float
+    clamped_truncated: Estimate
+    """Share of the clamped hybrid's responses cut at the token limit: near 1, the clamp's hesitations
+    are a loop ("Wait, Wait, …") rather than re-checks in a trace that ends."""
     kl_closed: float | None
     """Evaluation: the share of the hybrid's next-token KL the adapters close."""
     accuracy_gain_recovered: float | None
@@ -157,8 +160,9 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "prompts with paired 95% intervals.",
         "",
         "| seed | hesitation features | necessary | sufficient | hesitation cut | accuracy change | "
-        "hesitations the clamp adds (target's) | KL gap closed | accuracy gain recovered |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+        "hesitations the clamp adds (target's) | clamped responses truncated | KL gap closed | "
+        "accuracy gain recovered |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in findings:
         feats = ", ".join(f"({layer}, {f}) {name_of[(r.seed, layer, f)]}" for layer, f in r.features) or "none"
@@ -167,20 +171,24 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         lines.append(
             f"| {r.seed} | {feats} | {necessary} | {'yes' if r.sufficient else 'no'} | {_pct(r.cut)} | "
             f"{_points(r.accuracy_delta)} | {_est(r.clamped_hesitations)} ({_est(r.target_hesitations)}) "
-            f"×{r.clamp_scale:g} | {_share(r.kl_closed, '.1%')} | {_share(r.accuracy_gain_recovered, '.0%')} |")
+            f"×{r.clamp_scale:g} | {_pct(r.clamped_truncated)} | {_share(r.kl_closed, '.1%')} | "
+            f"{_share(r.accuracy_gain_recovered, '.0%')} |")
     if n > 1:
         lines.append(
             f"| range | | {sum(r.necessary for r in findings)} of {n} | {sum(r.sufficient for r in findings)} of {n} | "
             f"{_range([r.cut.value for r in findings], '.0%')} | "
             f"{_range([r.accuracy_delta.value for r in findings], '+.1f', 100)} points | "
             f"{_range([r.clamped_hesitations.value for r in findings], '.2f')} | "
+            f"{_range([r.clamped_truncated.value for r in findings], '.0%')} | "
             f"{_range([r.kl_closed for r in findings], '.1%')} | "
             f"{_range([r.accuracy_gain_recovered for r in findings], '.0%')} |")
     lines += [
         "",
         "A `necessary` no names the rules that failed: `cut` (the cut's lower bound below the cut asked), "
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
-        "95th percentile). The clamp column shows the scale chosen on the selection prompts.",
+        "95th percentile). The clamp column shows the scale chosen on the selection prompts; a clamp whose "
+        "responses run to the token limit hesitates in a loop, not in a trace (each seed's study.md has the "
+        "sweep over scales).",
         "",
         "## Hesitation features across seeds",
         "",
