@@ -188,6 +188,9 @@ class ChatServer:
         self.received: list[dict] = []
         """Every request body, in arrival order."""
         self.answered = 0
+        self.finished = 0
+        """Connections whose response has been written: the request limit counts these, so the last
+        answer is out before the server closes."""
         self.lock, self.stopping = threading.Lock(), threading.Event()
         self.httpd = ThreadingHTTPServer((HOST, port), self._handler())
         self.httpd.daemon_threads = True
@@ -204,7 +207,7 @@ class ChatServer:
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
-                if len(self.received) >= self.max_requests or now - start > self.lifetime or now - last > self.idle:
+                if self.finished >= self.max_requests or now - start > self.lifetime or now - last > self.idle:
                     log.info("serve: stopping (%d requests, %.0fs)", len(self.received), now - start)
                     break
                 before = len(self.received)
@@ -236,6 +239,13 @@ class ChatServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # to logging, not stderr
                 log.debug("serve: " + fmt, *args)
+
+            def handle(self):
+                try:
+                    super().handle()
+                finally:
+                    with server.lock:
+                        server.finished += 1
 
             def _send(self, code: int, body: dict) -> None:
                 data = json.dumps(body).encode()
