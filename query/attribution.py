@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from tca import TcaError
 from tca.adapted.attribute import AttributionResult
-from tca.query.sql import in_transaction, query
+from tca.query.sql import in_transaction, open_writer, query
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS attributions (
@@ -38,7 +38,7 @@ def write_attributions(index: str | Path, adapter: str, token: str, result: Attr
 
     ``adapter`` must be an adapter the index holds, with the same layers' feature counts.
     """
-    con = _connect(index)
+    con = open_writer(index)
     try:
         _check_adapter(con, index, adapter, result)
         rows = result.ranking()
@@ -71,26 +71,11 @@ def write_attributions(index: str | Path, adapter: str, token: str, result: Attr
 
 def check_writable(index: str | Path, adapter: str) -> None:
     """Fail now, not after the attribution, when ``index`` cannot take ``adapter``'s rankings."""
-    con = _connect(index)
+    con = open_writer(index)
     try:
         _check_adapter(con, index, adapter, None)
     finally:
         con.close()
-
-
-def _connect(index: str | Path) -> duckdb.DuckDBPyConnection:
-    path = Path(index)
-    if not path.is_file():
-        raise TcaError(f"{path} is not an index file; build one with `tca index` first.")
-    try:
-        con = duckdb.connect(str(path))
-    except duckdb.Error as exc:
-        raise TcaError(f"cannot open {path} for writing: {str(exc).strip().splitlines()[0]}") from None
-    con.execute("SET enable_progress_bar = false")  # stdout is for results
-    if not con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'adapters'").fetchall()[0][0]:
-        con.close()
-        raise TcaError(f"{path} is a DuckDB file but not a tca index (it has no adapters table).")
-    return con
 
 
 def _check_adapter(con: duckdb.DuckDBPyConnection, path: str | Path, adapter: str,

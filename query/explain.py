@@ -47,7 +47,7 @@ from tca import TcaError
 from tca.outputs import atomic_file, check_output
 from tca.query import judge
 from tca.query.chat import Answer, ChatClient, RateLimiter, final_text, parse_answer, refused
-from tca.query.sql import connect, in_transaction, run_sql
+from tca.query.sql import connect, in_transaction, open_writer, run_sql
 from tca.query.view import has_explanations
 from tca.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
@@ -364,20 +364,6 @@ def parse_class(answer: Answer) -> tuple[str, str | None]:
 # ---- the index ---------------------------------------------------------------------------------
 
 
-def _writer(index: Path) -> duckdb.DuckDBPyConnection:
-    if not Path(index).is_file():
-        raise TcaError(f"{index} is not an index file; build one with `tca index` first.")
-    try:
-        con = duckdb.connect(str(index))
-    except duckdb.Error as exc:
-        raise TcaError(f"cannot open {index} for writing: {str(exc).strip().splitlines()[0]}") from None
-    con.execute("SET enable_progress_bar = false")  # stdout is for results
-    if not con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'adapters'").fetchall()[0][0]:
-        con.close()
-        raise TcaError(f"{index} is a DuckDB file but not a tca index (it has no adapters table).")
-    return con
-
-
 def _in_transaction(con: duckdb.DuckDBPyConnection, *statements: tuple[str, list]) -> None:
     in_transaction(con, lambda: [con.execute(sql, params) for sql, params in statements])
 
@@ -519,7 +505,7 @@ def _run_stage(cfg: ExplainConfig, stage: str, features: list[dict], indexed_at:
                limiter: RateLimiter) -> None:
     """Ask for what ``stage`` lacks, ``cfg.concurrency`` requests at a time, and record each answer as
     it comes. Prompts are built on this thread while others wait for answers, a few ahead of them."""
-    con = _writer(cfg.index)
+    con = open_writer(cfg.index)
     pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"tca-{stage}")
     try:
         todo, summary.already = _pending(stage, features, stored(con), cfg.redo)
@@ -603,7 +589,7 @@ def explain(cfg: ExplainConfig) -> ExplainSummary:
 
 
 def _ensure_table(index: Path) -> None:
-    con = _writer(index)
+    con = open_writer(index)
     try:
         _in_transaction(con, *((sql, []) for sql in TABLE.split(";\n") if sql.strip()))
     finally:
@@ -658,7 +644,7 @@ def import_answers(cfg: ExplainConfig) -> ExplainSummary:
     by_stage = _read_lines(cfg.import_file)
     _ensure_table(cfg.index)
     summaries, refused_lines, imported = {}, 0, 0
-    con = _writer(cfg.index)
+    con = open_writer(cfg.index)
     try:
         current = {(r["adapter"], r["layer"]): r["indexed_at"] for r in
                    run_sql(con, "SELECT adapter, layer, indexed_at::VARCHAR AS indexed_at FROM adapters").to_pylist()}

@@ -108,6 +108,23 @@ def query(index: str | Path, sql: str, params: list | dict | None = None) -> pa.
         con.close()
 
 
+def open_writer(index: str | Path) -> duckdb.DuckDBPyConnection:
+    """A writable connection to an existing tca index, for the writer commands (attribute --index,
+    explain); one sentence when ``index`` is not one. Users' queries go through ``connect``."""
+    path = Path(index)
+    if not path.is_file():
+        raise TcaError(f"{path} is not an index file; build one with `tca index` first.")
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.Error as exc:
+        raise TcaError(f"cannot open {path} for writing: {str(exc).strip().splitlines()[0]}") from None
+    con.execute("SET enable_progress_bar = false")  # stdout is for results
+    if not con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'adapters'").fetchall()[0][0]:
+        con.close()
+        raise TcaError(f"{path} is a DuckDB file but not a tca index (it has no adapters table).")
+    return con
+
+
 def in_transaction(con: duckdb.DuckDBPyConnection, work: Callable[[], Any]) -> None:
     """Run ``work`` (writes of a writer command: index, attribute, census, explain) as one transaction:
     all of it lands or none."""
