@@ -31,6 +31,20 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_jsonl(tiny_conversations(24), tmp_path_factory.mktemp("tiny-data") / "data.jsonl")
 
 
+@pytest.fixture(scope="session")
+def bf16_pair(tiny_pair, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny pair saved in bfloat16, as most released checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16-pair")
+    paths = []
+    for src in tiny_pair:
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(out / src.name)
+        AutoTokenizer.from_pretrained(src).save_pretrained(out / src.name)
+        paths.append(out / src.name)
+    return paths[0], paths[1]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -46,17 +46,6 @@ def raw_arrays(store: Store) -> dict[str, np.ndarray]:
     return out | {"rows/token": store.row_tokens(), "committed": store.committed()}
 
 
-@pytest.fixture(scope="module")
-def bf16_pair(tiny_pair, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("bf16-pair")
-    paths = []
-    for src in tiny_pair:
-        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(out / src.name)
-        AutoTokenizer.from_pretrained(src).save_pretrained(out / src.name)
-        paths.append(out / src.name)
-    return paths[0], paths[1]
-
-
 def reference(pair, dtype, token_ids: list[int], layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """x, delta and y of one document run alone through the full models with transformers."""
     target = AutoModelForCausalLM.from_pretrained(pair[1], dtype=dtype).eval()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import transformers.utils
 from conftest import random_adapter_set
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import tca.cache.memory as memory
 from tca import TcaError
@@ -48,17 +47,6 @@ def hand_params() -> tuple[int, int]:
     mlp = 3 * D * I
     layer = attention + mlp + 2 * D  # two RMSNorms
     return L * layer + D + 2 * V * D, mlp  # final norm, untied embedding and unembedding
-
-
-@pytest.fixture(scope="module")
-def bf16_pair(tiny_pair, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("bf16-pair")
-    paths = []
-    for src in tiny_pair:
-        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(out / src.name)
-        AutoTokenizer.from_pretrained(src).save_pretrained(out / src.name)
-        paths.append(out / src.name)
-    return paths[0], paths[1]
 
 
 # ---- float32 MLPs without float32 copies ------------------------------------------------------------
