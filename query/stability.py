@@ -39,9 +39,11 @@ class SeedFindings:
     accuracy_delta: Estimate
     """Accuracy after the ablation − before."""
     clamped_hesitations: Estimate
-    """Hesitations per response the clamp adds to the hybrid."""
+    """Hesitations per finished response (one cut at the token limit counts none) the clamp adds to
+    the hybrid."""
     target_hesitations: Estimate
-    """The target's hesitations per response on the verdict prompts (what the clamp is judged against)."""
+    """The target's hesitations per finished response on the verdict prompts (what the clamp is
+    judged against)."""
     clamp_scale: float
     clamped_truncated: Estimate
     """Share of the clamped hybrid's responses cut at the token limit: near 1, the clamp's hesitations
@@ -186,9 +188,9 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "",
         "A `necessary` no names the rules that failed: `cut` (the cut's lower bound below the cut asked), "
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
-        "95th percentile). The clamp column shows the scale chosen on the selection prompts; a clamp whose "
-        "responses run to the token limit hesitates in a loop, not in a trace (each seed's study.md has the "
-        "sweep over scales).",
+        "95th percentile). The clamp column counts hesitations in finished responses only (a "
+        "response cut at the token limit, as a loop of the word is, counts none) and shows the scale chosen on "
+        "the selection prompts (each seed's study.md has the sweep over scales).",
         "",
         "## Hesitation features across seeds",
         "",

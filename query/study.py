@@ -20,7 +20,9 @@ The study finds them on one set of held-out prompts and judges them on another:
    rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
    multiple of their mean active value in ``clamp_scales``; the scale with the most hesitations
-   is the one the verdict uses.
+   in *finished* responses is the one the verdict uses. A response that runs to
+   ``max_new_tokens`` counts no hesitation: a clamp strong enough sends the hybrid into a loop
+   of the word ("Wait, Wait, …"), which adds many words but no re-checked step.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
@@ -28,8 +30,8 @@ The study finds them on one set of held-out prompts and judges them on another:
    a matched activation frequency, ablated in the adapted model.
 4. **Necessary** when the cut's lower bound reaches ``cut``, the accuracy change's lower bound
    stays above −``accuracy_tolerance``, and the cut's lower bound exceeds the controls'
-   ``control_quantile``. **Sufficient** when the lower bound of the hesitations per response the
-   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
+   ``control_quantile``. **Sufficient** when the lower bound of the hesitations per finished
+   response the clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
 5. **How few.** The hesitation features as a fraction of all the adapters' features.
 
 Everything is written to the output folder: ``study.json`` (every figure, and each verdict
@@ -123,12 +125,15 @@ class StudyConfig:
         default=1.5, metadata={"range": Range(1, None, low_open=True, words="above 1")})
     """Each control feature's activation frequency lies within ×/÷ this of the feature it replaces
     (widened by powers of it, and recorded, where no live feature of the layer is in range)."""
-    clamp_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], metadata=POSITIVE)
+    clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
+                                      metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its mean active value on the selection
-    part; the scale with the most hesitations is judged on the verdict part."""
+    part; the scale with the most hesitations in finished responses (a response cut at
+    ``max_new_tokens`` counts none) is judged on the verdict part. Fine steps between 1 and 2
+    because on the demo pair the clamp turns from too weak to a loop of "Wait" in that range."""
     sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
-    """Sufficient: the lower bound of the hesitations per response the clamp adds to the hybrid must
-    reach this fraction of the target's."""
+    """Sufficient: the lower bound of the hesitations per finished response the clamp adds to the
+    hybrid must reach this fraction of the target's."""
     resamples: int = field(default=stats.RESAMPLES, metadata=at_least(100))
     """Bootstrap resamples per interval (prompts drawn with replacement, fixed seed)."""
     seq_len: int = field(default=1024, metadata=at_least(2))
@@ -184,6 +189,8 @@ class Trial:
     p_words: float | None
     """Teacher-forced on the part's traces: mean probability of the hesitation words at the
     positions where the target predicts one of them (None where generation banned the words)."""
+    finished_hesitations: float
+    """Hesitations per response, a response cut at ``max_new_tokens`` counting none (``Outcomes``)."""
     kept: bool = True
     """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
     and hesitations did not rise)."""
@@ -202,6 +209,9 @@ class Outcomes:
     """Generated tokens."""
     truncated: list[float]
     """1 where the response reached ``max_new_tokens`` before ending."""
+    finished_hesitations: list[float]
+    """``hesitations`` where the response ended, 0 where it was cut: what sufficiency counts, so a
+    clamp that loops on the word until the token limit adds nothing."""
     word_mass: list[float] | None
     """Teacher-forced: the summed probability of the words over the trace's positions where the
     target predicts one (None where generation banned the words)."""
@@ -261,7 +271,7 @@ class StudyReport:
     clamp_sweep: list[Trial]
     """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
     clamp_scale: float
-    """The scale of the sweep with the most hesitations (the first listed on a tie)."""
+    """The scale of the sweep with the most hesitations in finished responses (the first listed on a tie)."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
@@ -278,11 +288,12 @@ class StudyReport:
     """Verdict part: the hesitation features clamped in the hybrid at ``clamp_scale`` (one trial)."""
     conditions: dict[str, dict[str, Estimate]]
     """Verdict part, per condition (target, hybrid, adapted, target_banned, ablated, clamped), per
-    figure (accuracy, hesitations, hesitating, mean_length, truncated, p_words): value and 95% interval."""
+    figure (accuracy, hesitations, finished_hesitations, hesitating, mean_length, truncated, p_words): value
+    and 95% interval."""
     changes: dict[str, Estimate]
     """Paired over verdict prompts: ``cut`` (1 − ablated ÷ adapted hesitations per response),
     ``accuracy_delta`` (ablated − adapted) and ``clamped_hesitations`` (clamped − hybrid
-    hesitations per response)."""
+    hesitations per finished response)."""
     controls: list[Control]
     control_spread: dict[str, dict[str, float | None]]
     """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``."""
@@ -483,11 +494,12 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         # scored one prompt at a time by the same function as the whole part, so per-prompt
         # outcomes and the part's figures cannot disagree on what counts as correct or a hesitation
         each = [score(tokenizer, [r], [resp], cfg.words) for r, resp in zip(part.records, responses, strict=True)]
+        finished = [0.0 if f.truncated else f.hesitations for f in each]
         outcomes = Outcomes([f.accuracy for f in each], [f.hesitations for f in each], [f.hesitating for f in each],
-                            [f.mean_length for f in each], [f.truncated for f in each], mass, count)
+                            [f.mean_length for f in each], [f.truncated for f in each], finished, mass, count)
         p_words = None if mass is None else sum(mass) / max(sum(count), 1)
         figures = score(tokenizer, part.records, responses, cfg.words)
-        return Trial(trial, len(features), features, figures, p_words), outcomes
+        return Trial(trial, len(features), features, figures, p_words, sum(finished) / len(finished)), outcomes
 
     # ---- selection: the search and the clamp scale
     sel_adapted, _ = run(selection, "adapted (selection)", "adapted", [], [])
@@ -520,7 +532,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
 
     sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
              for s in cfg.clamp_scales]
-    scale = cfg.clamp_scales[max(range(len(sweep)), key=lambda i: (sweep[i].figures.hesitations, -i))]
+    scale = cfg.clamp_scales[max(range(len(sweep)), key=lambda i: (sweep[i].finished_hesitations, -i))]
 
     # ---- verdict: every figure a verdict uses, prompt by prompt
     per_prompt: dict[str, Outcomes] = {}
@@ -562,7 +574,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
 
     conditions = {key: _figure_estimates(per_prompt[key], counts) for key in trials}
     cut, accuracy_delta = change(per_prompt["ablated"]) if chosen else (stats.NONE, stats.NONE)
-    added = stats.paired_difference(per_prompt["clamped"].hesitations, per_prompt["hybrid"].hesitations, counts)
+    added = stats.paired_difference(per_prompt["clamped"].finished_hesitations,
+                                    per_prompt["hybrid"].finished_hesitations, counts)
     rules = stats.necessity_rules(cut, accuracy_delta, [c.cut for c in controls], thresholds)
     report = StudyReport(
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
@@ -578,7 +591,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         control_spread={k: stats.spread([getattr(c, k) for c in controls], cfg.control_quantile)
                         for k in ("cut", "accuracy_delta")},
         necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
-        sufficient=bool(chosen) and stats.sufficiency_rule(added, conditions["target"]["hesitations"].value, thresholds),
+        sufficient=bool(chosen) and stats.sufficiency_rule(
+            added, conditions["target"]["finished_hesitations"].value, thresholds),
         hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
         fraction_of_features=len(hesitation) / total, per_prompt=per_prompt, threads=cfg.threads,
     )
@@ -591,6 +605,7 @@ def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
     return {
         "accuracy": stats.proportion(o.correct),
         "hesitations": stats.mean(o.hesitations, counts),
+        "finished_hesitations": stats.mean(o.finished_hesitations, counts),
         "hesitating": stats.proportion(o.hesitating),
         "mean_length": stats.mean(o.length, counts),
         "truncated": stats.proportion(o.truncated),
@@ -675,15 +690,19 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_est(banned['accuracy'])} "
                  f"(unbanned {_est(cond['target']['accuracy'])}), mean length {_est(banned['mean_length'], '.1f')}.")
     clamped, hybrid, target = cond["clamped"], cond["hybrid"], cond["target"]
-    need = None if target["hesitations"].value is None else t.sufficient_fraction * target["hesitations"].value
+    need = (None if target["finished_hesitations"].value is None
+            else t.sufficient_fraction * target["finished_hesitations"].value)
     added = ch["clamped_hesitations"]
     who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
     lines.append(
         f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} their mean "
-        f"activation (the scale of the selection sweep with the most hesitations), {who} {adds} "
-        f"{_est(added)} hesitations per response ({_est(hybrid['hesitations'])} → {_est(clamped['hesitations'])}; "
-        f"{_est(clamped['hesitating'], '.0%')} of responses hesitate). The lower bound must reach "
-        f"{t.sufficient_fraction:g} × the target's {_est(target['hesitations'])} = {_num(need)}. Teacher-forced on the "
+        f"activation (the scale of the selection sweep with the most hesitations in finished responses), {who} "
+        f"{adds} {_est(added)} hesitations per response, a response cut at the token limit counting none "
+        f"({_est(hybrid['finished_hesitations'])} → {_est(clamped['finished_hesitations'])}; "
+        f"{_est(clamped['truncated'], '.0%')} of clamped responses cut, "
+        f"{_est(clamped['hesitating'], '.0%')} hesitate). The lower bound must reach "
+        f"{t.sufficient_fraction:g} × the target's {_est(target['finished_hesitations'])} = {_num(need)}. "
+        f"Teacher-forced on the "
         f"target's traces, the clamp moves p(words) from the hybrid's {_est(hybrid['p_words'], '.3f')} to "
         f"{_est(clamped['p_words'], '.3f')} (target {_est(target['p_words'], '.3f')}). Generation can only show "
         f"hesitation where the hybrid writes a trace to hesitate in: its responses average "
@@ -692,17 +711,18 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     lines += ["", "## Verdict conditions", "",
               f"On the {len(report.verdict_docs)} verdict prompts; each figure with its 95% interval.", "",
               "| condition | features | accuracy | mean length | truncated | hesitations / response "
-              "| responses hesitating | p(words) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| … / finished response | responses hesitating | p(words) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     features = {"ablated": n, "clamped": len(report.sufficiency[0].features)}
     for key, est in cond.items():
         lines.append(f"| {CONDITION_NAMES[key]} | {features.get(key, 0)} | {_est(est['accuracy'])} | "
                      f"{_est(est['mean_length'], '.1f')} | {_est(est['truncated'])} | {_est(est['hesitations'], '.2f')} | "
-                     f"{_est(est['hesitating'], '.2f')} | {_est(est['p_words'], '.3f')} |")
+                     f"{_est(est['finished_hesitations'], '.2f')} | {_est(est['hesitating'], '.2f')} | {_est(est['p_words'], '.3f')} |")
     lines += ["", "Changes, paired over the verdict prompts:", "",
               f"- hesitation cut (1 − ablated ÷ adapted hesitations per response): {_pct(ch['cut'])}",
               f"- accuracy change (ablated − adapted): {_points(ch['accuracy_delta'])}",
-              f"- hesitations per response the clamp adds (clamped − hybrid): {_est(ch['clamped_hesitations'])}",
+              "- hesitations per finished response the clamp adds (clamped − hybrid): "
+              f"{_est(ch['clamped_hesitations'])}",
               "", "The banned row bans the hesitation words from the target's generation: the accuracy the task keeps "
               "without hesitating at all, an upper bound for any ablation.", ""]
     if report.controls:
@@ -754,12 +774,14 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
 
 
 def _trials_table(trials: list[Trial]) -> str:
-    rows = ["| condition | features | accuracy | mean length | hesitations / response | responses hesitating | p(words) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| condition | features | accuracy | mean length | truncated | hesitations / response "
+            "| … / finished response | responses hesitating | p(words) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in trials:
         f = t.figures
-        rows.append(f"| {t.name} | {t.n_features} | {_acc(f.accuracy)} | {f.mean_length:.1f} | {f.hesitations:.2f} | "
-                    f"{f.hesitating:.2f} | {_num(t.p_words, '.3f')} |")
+        rows.append(f"| {t.name} | {t.n_features} | {_acc(f.accuracy)} | {f.mean_length:.1f} | {f.truncated:.0%} | "
+                    f"{f.hesitations:.2f} | {t.finished_hesitations:.2f} | {f.hesitating:.2f} | "
+                    f"{_num(t.p_words, '.3f')} |")
     return "\n".join(rows)
 
 
@@ -857,21 +879,22 @@ def _plot_sufficiency(report: StudyReport, path: Path) -> None:
     plt = _pyplot()
     fig, (sweep, verdict) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [t.name.split()[1] for t in report.clamp_sweep]  # "clamp x0.5 in the hybrid …" -> "x0.5"
-    values = [t.figures.hesitations for t in report.clamp_sweep]
+    values = [t.finished_hesitations for t in report.clamp_sweep]
     colours = ["C1" if n == f"x{report.clamp_scale:g}" else "C0" for n in names]
     sweep.bar(names, values, color=colours)
     sweep.set_xlabel("clamp scale (× mean active value); orange: the one judged")
-    sweep.set_ylabel("hesitations / response")
+    sweep.set_ylabel("hesitations / finished response")
     sweep.set_title("selection prompts: clamped in the hybrid", fontsize=9)
 
     cond = report.conditions
     keys = ["hybrid", "clamped", "target"]
     for x, key in enumerate(keys):
-        e = cond[key]["hesitations"]
+        e = cond[key]["finished_hesitations"]
         verdict.bar([x], [e.value or 0], color=["grey", "C1", "C2"][x])
         _errorbar(verdict, x, e, fmt="none", ecolor="k")
-    if cond["target"]["hesitations"].value is not None:
-        need = cond["hybrid"]["hesitations"].value + report.thresholds.sufficient_fraction * cond["target"]["hesitations"].value
+    if cond["target"]["finished_hesitations"].value is not None:
+        need = (cond["hybrid"]["finished_hesitations"].value
+                + report.thresholds.sufficient_fraction * cond["target"]["finished_hesitations"].value)
         verdict.axhline(need, color="C3", ls="--", lw=1,
                         label=f"hybrid + {report.thresholds.sufficient_fraction:g} × target")
         verdict.legend(fontsize=7)

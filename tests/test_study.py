@@ -136,8 +136,13 @@ def test_trials_equal_generation_with_the_same_edits(study):
     clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)]) for l, f in sweep["features"]]
     assert run(selection, "hybrid", clamps)[0].__dict__ == sweep["figures"]
     clamped = report["sufficiency"][0]
+    for trial, (_, each) in zip(report["clamp_sweep"], [run(selection, "hybrid", [FeatureEdit(
+            l, [f], s * mean[(l, f)]) for l, f in sweep["features"]]) for s in (0.5, 1.0)], strict=True):
+        # a response cut at the token limit counts no hesitation
+        assert trial["finished_hesitations"] == pytest.approx(
+            np.mean([0 if e.truncated else e.hesitations for e in each]))
     assert report["clamp_scale"] == [0.5, 1.0][max(range(2), key=lambda i: (
-        report["clamp_sweep"][i]["figures"]["hesitations"], -i))]
+        report["clamp_sweep"][i]["finished_hesitations"], -i))]
     clamps = [FeatureEdit(l, [f], report["clamp_scale"] * mean[(l, f)]) for l, f in clamped["features"]]
     assert run(verdict, "hybrid", clamps)[0].__dict__ == clamped["figures"]
     if report["ablated"] is not None:
@@ -204,14 +209,17 @@ def test_intervals_and_verdicts_recomputed_from_the_prompts(study):
     assert n == PROMPTS
     adapted, hybrid = per["adapted"], per["hybrid"]
     clamped = per["clamped"]
+    for o in per.values():
+        assert np.array_equal(o["finished_hesitations"], np.where(o["truncated"] > 0, 0, o["hesitations"]))
     added = report["changes"]["clamped_hesitations"]
-    assert added["value"] == pytest.approx((clamped["hesitations"] - hybrid["hesitations"]).mean())
-    assert added["ci95"] == pytest.approx(_brute_interval(
-        n, lambda i: (clamped["hesitations"][i] - hybrid["hesitations"][i]).mean()))
+    finished = clamped["finished_hesitations"] - hybrid["finished_hesitations"]
+    assert added["value"] == pytest.approx(finished.mean())
+    assert added["ci95"] == pytest.approx(_brute_interval(n, lambda i: finished[i].mean()))
     t = report["thresholds"]
     assert t == {"cut": 0.8, "accuracy_tolerance": 0.05, "control_quantile": 0.95, "sufficient_fraction": 0.25,
                  "frequency_ratio": 1.5, "resamples": 2000}
-    target = report["conditions"]["target"]["hesitations"]["value"]
+    target = report["conditions"]["target"]["finished_hesitations"]["value"]
+    assert target == pytest.approx(per["target"]["finished_hesitations"].mean())
     if report["ablated"] is None:
         assert not report["necessary"] and not report["sufficient"] and report["controls"] == []
         return
@@ -270,7 +278,8 @@ def test_report_files(study):
                 "thresholds"):
         assert key in saved
     for figures in saved["conditions"].values():
-        assert set(figures) == {"accuracy", "hesitations", "hesitating", "mean_length", "truncated", "p_words"}
+        assert set(figures) == {"accuracy", "hesitations", "finished_hesitations", "hesitating", "mean_length",
+                                "truncated", "p_words"}
         assert all(set(e) == {"value", "ci95"} for e in figures.values())
     assert set(saved["changes"]) == {"cut", "accuracy_delta", "clamped_hesitations"}
     md = (out / "study.md").read_text()
