@@ -12,6 +12,12 @@ Resuming recomputes the same batches (they follow from the plan and ``batch_toke
 skips those whose rows all lie in committed blocks, so a resumed store is identical to an
 uninterrupted one.
 
+With ``layers_per_pass`` the selected layers are harvested a group at a time: one pass over the
+same batches per group, holding only that group's base MLPs and writing only its arrays. A pass
+flags the layers it wrote per block and the pass that writes a block's last layers commits it, so a
+resume skips finished passes and continues a partial one from its flags (``Store.layers_written``).
+The values do not depend on the grouping: each layer's rows are computed as in one pass.
+
 Under ``torchrun`` each rank fills its own contiguous range of blocks (``tca.cache.ranks``):
 rank 0 creates the store, every rank runs the batches touching its blocks, and the result is
 the store one process would write.
@@ -32,9 +38,10 @@ from tqdm import tqdm
 
 from tca import Device, TcaError
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
-from tca.cache.layers import select_layers
+from tca.cache.layers import layer_span, select_layers
 from tca.cache.memory import Workload, check_memory, checkpoint_dtype, memory_plan
 from tca.cache.models import (
+    ModelSource,
     check_mlp_pair,
     check_pair,
     find_model,
@@ -97,6 +104,11 @@ class HarvestConfig:
     storage_options: dict = field(default_factory=dict)
     """fsspec options of ``out`` as a JSON object (credentials, endpoint); none given: s3fs reads the
     ``AWS_*`` environment variables."""
+    layers_per_pass: int | None = field(default=None, metadata=POSITIVE)
+    """Harvest the selected layers this many at a time, one pass over the data each, for a GPU that
+    cannot hold every selected base MLP at once: each pass holds only its layers' base MLPs and
+    costs a forward of the target up to its last layer. Unset: all in one pass. Not part of the
+    store's identity: a resume may pass another value."""
     threads: int = field(default=DEFAULT_THREADS, metadata=POSITIVE)
     """torch threads on the CPU, fixed whatever the machine's load (``tca.cache.threads``: more than
     one thrashed a busy 2-core machine); recorded in the store's attributes."""
@@ -104,7 +116,8 @@ class HarvestConfig:
     def identity(self) -> dict:
         """What decides the stored values: a resume must agree on all of it."""
         settings = dataclasses.asdict(self)
-        for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options", "threads"):
+        for transient in ("out", "resume", "writers", "queue_blocks", "device", "storage_options", "threads",
+                          "layers_per_pass"):
             settings.pop(transient)
         return settings
 
@@ -213,29 +226,77 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         rank0_first(ranks, lambda: _check_existing(existing, spec))
         check_memory(memory_plan(_workload(cfg, plan, spec), target_src.config, base_src.config, dtype, device))
         model = load_model(target_src, dtype, device)
-        act = target_src.config.get("hidden_act", "silu")
-        mlps = PairedMlps(base=load_base_mlps(base_src, layers, device), target=live_mlps(model, layers, act))
-        check_mlp_pair(mlps.base, mlps.target)
+        passes = layer_passes(layers, cfg.layers_per_pass)
+        # The first pass's MLPs are read before the store is made, so MLPs that cannot be paired
+        # are refused before anything is written.
+        first = _paired_mlps(model, base_src, target_src, passes[0], len(layers), device)
         store = rank0_first(ranks, lambda: _prepare_store(cfg, existing, spec, plan))
         if store is None:
             store = _join_store(cfg, spec)
 
-    # Blocks of other ranks count as done: this rank neither runs nor writes them.
-    skip = store.committed() | ranks.others(spec.n_blocks)
-    batches = [b for b in plan_batches(plan, cfg.batch_tokens) if _needed(b, store, skip)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    writer = BlockWriter(store, skip, cfg.writers, cfg.queue_blocks)
+    # Blocks of other ranks count as written: this rank neither runs nor writes them.
+    written = store.layers_written() | ranks.others(spec.n_blocks)
+    filled = np.zeros(spec.n_blocks, dtype=bool)
+    pending = {0: first}
+    del first  # a pass's MLPs are freed when it ends, before the next pass reads its own
+    for i, group in enumerate(passes):
+        rows = [layers.index(layer) for layer in group]
+        skip = written[rows].all(axis=0)
+        label = f"pass {i + 1}/{len(passes)}: {layer_span(group)}" if len(passes) > 1 else ""
+        mlps = pending.pop(i, None)
+        if skip.all():
+            log.info("%s: every block is written already", label or "harvest")
+            continue
+        mlps = mlps or _paired_mlps(model, base_src, target_src, group, len(layers), device)
+        # Where every other layer is written, this pass's layers complete (commit) the block.
+        completes = np.delete(written, rows, axis=0).all(axis=0)
+        _run_pass(cfg, plan, store, model, mlps, BlockWriter(store, skip, cfg.writers, cfg.queue_blocks, group,
+                                                             completes), pad_id, ranks, label)
+        written[rows] = True
+        filled |= ~skip
+    # Whichever rank finishes last sees every block committed; flags only go from 0 to 1,
+    # so no rank can wrongly mark the store complete.
+    if store.complete:
+        store.drop_layer_flags()
+        store.update_attrs(complete=True)
+    seconds = time.perf_counter() - t0
+    return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int(filled.sum()), seconds,
+                         ranks.rank, ranks.world_size)
+
+
+def layer_passes(layers: list[int], per_pass: int | None) -> list[list[int]]:
+    """The selected layers in groups of ``per_pass`` (all in one when unset), in order."""
+    k = per_pass or len(layers)
+    return [layers[i : i + k] for i in range(0, len(layers), k)]
+
+
+def _paired_mlps(model: torch.nn.Module, base_src: ModelSource, target_src: ModelSource, layers: list[int],
+                 n_selected: int, device: torch.device) -> PairedMlps:
+    """The base MLPs of ``layers`` read from disk beside the target's own, checked to pair up."""
+    act = target_src.config.get("hidden_act", "silu")
+    mlps = PairedMlps(base=load_base_mlps(base_src, layers, device), target=live_mlps(model, layers, act))
+    check_mlp_pair(mlps.base, mlps.target, n_selected)
+    return mlps
+
+
+def _run_pass(cfg: HarvestConfig, plan: Plan, store: Store, model: torch.nn.Module, mlps: PairedMlps,
+              writer: BlockWriter, pad_id: int, ranks: Ranks, label: str) -> None:
+    """One pass over the batches that touch a block ``writer`` does not skip, writing ``mlps``' layers."""
+    batches = [b for b in plan_batches(plan, cfg.batch_tokens) if _needed(b, store, writer.skip)]
+    device = next(model.parameters()).device
     n_run = sum(int(plan.doc_start[b.doc1] - plan.doc_start[b.doc0]) for b in batches)
     where = f"rank {ranks.rank} of {ranks.world_size}: " if ranks.distributed else ""
-    log.info("%sharvesting %d of %d blocks: %d batches, %d tokens, layers %s on %s",
-             where, int((~skip).sum()), len(skip), len(batches), n_run, layers, device)
-    desc = f"harvest {ranks.rank}" if ranks.distributed else "harvest"
+    log.info("%s%sharvesting %d of %d blocks: %d batches, %d tokens, layers %s on %s", where,
+             f"{label}: " if label else "", int((~writer.skip).sum()), len(writer.skip), len(batches), n_run,
+             mlps.layers, device)
+    desc = " ".join(filter(None, [f"harvest {ranks.rank}" if ranks.distributed else "", label])) or "harvest"
     bar = tqdm(total=n_run, unit="tok", unit_scale=True, desc=desc, position=ranks.local_rank, dynamic_ncols=True,
                disable=None)
     try:
         for batch in batches:
             ids, mask, select = batch_inputs(plan, batch, pad_id)
-            inputs = mlp_inputs(model, layers, ids.to(device), mask.to(device))
+            inputs = mlp_inputs(model, mlps.layers, ids.to(device), mask.to(device))
             writer.add(batch.row0, rows_from_inputs(inputs, select.to(device), mlps, cfg.store_y))
             bar.update(int(mask.sum()))
             bar.set_postfix(rows=writer.rows_written, MB=f"{writer.bytes_written / 1e6:.0f}", refresh=False)
@@ -245,13 +306,6 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
         raise
     finally:
         bar.close()
-    # Whichever rank finishes last sees every block committed; flags only go from 0 to 1,
-    # so no rank can wrongly mark the store complete.
-    if store.complete:
-        store.update_attrs(complete=True)
-    seconds = time.perf_counter() - t0
-    return HarvestResult(cfg.out, plan.n_tokens, store.n_rows, int((~skip).sum()), seconds,
-                         ranks.rank, ranks.world_size)
 
 
 def _workload(cfg: HarvestConfig, plan: Plan, spec: StoreSpec) -> Workload:
@@ -266,6 +320,7 @@ def _workload(cfg: HarvestConfig, plan: Plan, spec: StoreSpec) -> Workload:
         rows=max(b.row1 - b.row0 for b in batches), arrays=len(spec.array_names), block_rows=block_rows,
         # queued, one being written per writer thread, one being filled
         blocks_in_flight=min(cfg.queue_blocks + cfg.writers + 1, spec.n_blocks),
+        layers_per_pass=cfg.layers_per_pass or 0,
     )
 
 
@@ -323,6 +378,7 @@ def _prepare_store(cfg: HarvestConfig, existing: Store | None, spec: StoreSpec, 
         if leftovers:
             log.info("removing %d temporary files of writes cut short by the interruption", len(leftovers))
             existing.fs.rm(leftovers)
+        existing.add_layer_flags()
         return existing
     if existing is not None:
         # Killed while creating: nothing was committed, so start the store again.

@@ -29,11 +29,11 @@ def select_layers(spec: str, available: Iterable[int], held_by: str = "the model
         raise TcaError(f"--layers {spec!r} is not 'all' or a list like 0,3,5-7.") from None
     missing = sorted(layers - set(available))
     if missing:
-        raise TcaError(f"layer {missing[0]} is out of range; {held_by} {_span(available)}.")
+        raise TcaError(f"layer {missing[0]} is out of range; {held_by} {layer_span(available)}.")
     return sorted(layers)
 
 
-def _span(layers: list[int]) -> str:
+def layer_span(layers: list[int]) -> str:
     """``layers 0 to 27`` for a run of consecutive layers, ``layers 0, 2, 5`` otherwise."""
     if not layers:
         return "no layers"

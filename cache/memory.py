@@ -17,11 +17,13 @@ largest step. GB are 10⁹ bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -165,6 +167,13 @@ class Workload:
     """harvest: rows of one block in the writer's buffers."""
     blocks_in_flight: int = 0
     """harvest: blocks buffered at once (queued, being written and being filled)."""
+    layers_per_pass: int = 0
+    """harvest: layers whose base MLPs, inputs and rows one pass over the data holds (0: all)."""
+
+    @property
+    def pass_layers(self) -> int:
+        """harvest: the most layers one pass holds."""
+        return min(self.layers_per_pass or len(self.layers), len(self.layers))
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,9 @@ class MemoryPlan:
     """The precision the models run in."""
     device: str
     lines: list[Line]
+    advice: Callable[[dict[str, int | None]], str | None] | None = None
+    """Given each device's free bytes (None: unknown), what would fit instead, said in the refusal in
+    place of the command's usual hint (harvest: the largest --layers-per-pass that fits)."""
 
     def need(self) -> dict[str, int]:
         """Bytes each device needs: what is held throughout plus the largest step."""
@@ -277,11 +289,11 @@ def memory_plan(work: Workload, target: dict, base: dict | None, dtype: torch.dt
             f"{t.embed_params * e / 1e9:.2f} GB not resident", 0)
     else:
         add(dev, "weights", f"target model, {t.params / 1e9:.2f} B parameters in {name}", t.params * e)
-    if work.command == "harvest":
-        _harvest(add, t, model_shape(base) if base is not None else t, work, e, dev, host)
-    else:
+    if work.command != "harvest":
         _adapted(add, t, work, e, name, dev, host)
-    return MemoryPlan(work.command, name, dev, lines)
+        return MemoryPlan(work.command, name, dev, lines)
+    _harvest(add, t, model_shape(base) if base is not None else t, work, e, dev, host)
+    return MemoryPlan("harvest", name, dev, lines, functools.partial(_fewer_per_pass, work, target, base, dtype, device))
 
 
 def _forward(t: ModelShape, tokens: int, seq_len: int, e: int, n_features: int = 0) -> int:
@@ -300,8 +312,12 @@ def _saved(t: ModelShape, e: int, n_features: int, feature_bytes: int) -> int:
 
 
 def _harvest(add, t: ModelShape, b: ModelShape, work: Workload, e: int, dev: str, host: str) -> None:
-    n, T, R = len(work.layers), work.tokens, work.rows
-    add(dev, "weights", f"base MLPs of {n} layers as stored ({b.dtype})", n * b.mlp_params * _ITEMSIZE[b.dtype])
+    """One pass over the data: with --layers-per-pass only its layers' base MLPs, inputs and rows are
+    held (the weights of one pass are freed before the next pass loads its own)."""
+    n, T, R = work.pass_layers, work.tokens, work.rows
+    passes = -(-len(work.layers) // n)
+    layers = f"{n} layers" if passes == 1 else f"the {n} layers of one pass (of {passes})"
+    add(dev, "weights", f"base MLPs of {layers} as stored ({b.dtype})", n * b.mlp_params * _ITEMSIZE[b.dtype])
     add(dev, "activations", f"MLP inputs of the {n} layers until the forward stops: {n} x [{T}, {t.d}]", n * T * t.d * e)
     add(dev, "activations", f"one decoder layer's working set over {T} tokens", _forward(t, T, work.seq_len, e),
         step="forward")
@@ -414,13 +430,35 @@ def _meminfo_available() -> int | None:
 def check_memory(plan: MemoryPlan) -> MemoryPlan:
     """Log the plan and refuse, in one sentence, a device that has less free memory than it needs."""
     log.info("%s", plan.table())
+    free = {where: free_bytes(where) for where in plan.devices}
     for where, need in plan.need().items():
-        free = free_bytes(where)
-        if free is None:
+        if free[where] is None:
             log.warning("cannot read the free memory of %s; the plan above is not checked there", where)
-        elif need > free:
+        elif need > free[where]:
+            hint = (plan.advice and plan.advice(free)) or _HINTS[plan.command]
             raise TcaError(
-                f"tca {plan.command} needs about {_gb(need)} GB on {where} but {_gb(free)} GB is free there "
-                f"(the memory plan is in the log); {_HINTS[plan.command]}."
+                f"tca {plan.command} needs about {_gb(need)} GB on {where} but {_gb(free[where])} GB is free there "
+                f"(the memory plan is in the log); {hint}."
             )
     return plan
+
+
+def _fewer_per_pass(work: Workload, target: dict, base: dict | None, dtype: torch.dtype, device: torch.device,
+                    free: dict[str, int | None]) -> str | None:
+    """A refused harvest's advice: the largest --layers-per-pass that fits ``free``, if one does."""
+    k = largest_pass(work, target, base, dtype, device, free)
+    if k is None:
+        return None
+    return (f"pass --layers-per-pass {k} (the most that fits: {-(-len(work.layers) // k)} passes over the data, "
+            f"each a forward of the target), harvest fewer --layers or lower --batch-tokens")
+
+
+def largest_pass(work: Workload, target: dict, base: dict | None, dtype: torch.dtype, device: torch.device,
+                 free: dict[str, int | None]) -> int | None:
+    """The most layers per pass, fewer than ``work`` has, whose harvest plan fits ``free`` (bytes per
+    device; None: unknown, so not a limit); None when not even one layer per pass fits."""
+    for k in range(work.pass_layers - 1, 0, -1):
+        need = memory_plan(dataclasses.replace(work, layers_per_pass=k), target, base, dtype, device).need()
+        if all(free.get(where) is None or n <= free[where] for where, n in need.items()):
+            return k
+    return None

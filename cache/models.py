@@ -198,9 +198,11 @@ def live_mlps(model: torch.nn.Module, layers: list[int], act: str) -> dict[int, 
     return out
 
 
-def check_mlp_pair(base: dict[int, MlpWeights], target: dict[int, MlpWeights]) -> list[int]:
+def check_mlp_pair(base: dict[int, MlpWeights], target: dict[int, MlpWeights],
+                   n_selected: int | None = None) -> list[int]:
     """Refuse MLPs of different shapes; warn in one line about layers whose MLP weights are identical
-    in base and target (their delta is 0) and return those layers."""
+    in base and target (their delta is 0) and return those layers. ``n_selected``: the layers selected
+    in all, when ``base`` holds one pass's share of them."""
     same = []
     for layer, b in base.items():
         t = target[layer]
@@ -211,7 +213,7 @@ def check_mlp_pair(base: dict[int, MlpWeights], target: dict[int, MlpWeights]) -
             )
         if all(torch.equal(x, y.to(x.dtype)) for x, y in ((b.gate, t.gate), (b.up, t.up), (b.down, t.down))):
             same.append(layer)
-    if same and len(same) == len(base):
+    if same and len(same) == (n_selected or len(base)):
         log.warning("the base and target MLP weights are identical in every selected layer, so every delta is 0: "
                     "is --base the same model as --target?")
     elif same:

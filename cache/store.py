@@ -7,13 +7,17 @@
       layers/<L>/y           [rows, d]  optional: MLP_target(x)
       rows/token             [rows]     int64 global token index of each row
       _progress/committed    [blocks]   uint8, 1 once every array of that row block is written
+      _progress/layers/<L>   [blocks]   uint8, 1 once layer L's arrays of that block are written
+                                        (a harvest in passes, before the block's last layer)
       tokens.parquet, docs.parquet
 
 Rows are fixed by the data plan before any activation exists, so every array is created at
 its full size and a harvest only fills blocks in. A *block* is ``block_rows`` consecutive
 rows (one shard of every array): writers write whole blocks, so no two writers ever touch
 one file, and a block becomes visible to readers only once its flag in ``_progress`` is set,
-after all of its arrays are written.
+after all of its arrays are written. A harvest in several passes (``--layers-per-pass``) writes a
+block one group of layers at a time: each group's flags in ``_progress/layers`` record its
+progress, and the pass that writes a block's last layers commits the block.
 
 Zarr v3 has no bfloat16, so bf16 activations are stored as their uint16 bit pattern with
 ``"tca_encoding": "bfloat16"`` in the array's attributes; ``decode`` turns them back. Every
@@ -196,11 +200,10 @@ class Store:
             chunks=(min(spec.block_rows, n),), compressors=_compressors("zstd"), fill_value=-1,
         )
         # One file per flag, so writers of different blocks never share a file.
-        group.create_array(
-            "_progress/committed", shape=(spec.n_blocks,), dtype="uint8", chunks=(1,),
-            compressors=None, fill_value=0,
-        )
-        return cls(url, group, storage_options)
+        _create_flags(group, "_progress/committed", spec.n_blocks)
+        store = cls(url, group, storage_options)
+        store.add_layer_flags()
+        return store
 
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> Store:
@@ -336,6 +339,41 @@ class Store:
         self._committed = self.group["_progress/committed"][:].astype(bool)
         return self._committed.copy()
 
+    def layers_written(self) -> np.ndarray:
+        """``[layers, blocks]`` bools, rows in ``layers`` order: True where that layer's arrays of the
+        block are written (the block is committed, or the layer's flag is set)."""
+        written = np.zeros((len(self.spec.layers), self.spec.n_blocks), dtype=bool)
+        for i, layer in enumerate(self.spec.layers):
+            written[i, self._flagged(f"{self.root}/{LAYER_FLAGS}/{layer}/c")] = True
+        return written | self.committed()
+
+    def _flagged(self, folder: str) -> list[int]:
+        """The blocks whose flag file exists in ``folder``: a flag is only ever written as 1, and one
+        listing costs less than a read per block on an object store."""
+        self.fs.invalidate_cache(folder)
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+        return [int(n) for n in names if n.isdigit()]
+
+    def add_layer_flags(self) -> None:
+        """Create the per-layer flags a harvest in passes needs, where they are missing."""
+        for layer in self.spec.layers:
+            # stores made before harvests in passes have none
+            if f"{LAYER_FLAGS}/{layer}" not in self.group:
+                _create_flags(self.group, f"{LAYER_FLAGS}/{layer}", self.spec.n_blocks)
+
+    def drop_layer_flags(self) -> None:
+        """Remove the set per-layer flags of a complete store: its block flags say all they said,
+        and a harvest in passes leaves one file per layer and block."""
+        flags = self.fs.glob(f"{self.root}/{LAYER_FLAGS}/*/c")
+        try:
+            if flags:
+                self.fs.rm(flags, recursive=True)
+        except FileNotFoundError:  # another rank, also finishing, removed them first
+            pass
+
     def _require_committed(self, start: int, stop: int) -> None:
         if stop <= start:
             return
@@ -390,20 +428,38 @@ class Store:
     def write_block(self, block: int, arrays: dict[int, dict[str, torch.Tensor]]) -> None:
         """Write every array of one block, then mark it committed (the commit is last).
 
+        ``arrays`` holds every stored layer, or, in the last pass of a harvest in passes, the
+        layers that the block still lacks: the caller has checked that the others are written
+        (``layers_written``).
+        """
+        self._write_shards(block, arrays)
+        self.group["_progress/committed"][block] = 1
+
+    def write_layers(self, block: int, arrays: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Write the arrays of some layers of one block, then set those layers' flags (a pass of a
+        harvest in passes whose block still lacks other layers: it stays uncommitted)."""
+        self._write_shards(block, arrays)
+        for layer in arrays:
+            self.group[f"{LAYER_FLAGS}/{layer}"][block] = 1
+
+    def _write_shards(self, block: int, arrays: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Every array of the layers in ``arrays`` for one block.
+
         A block is exactly one shard file per array, so the shard is encoded here
         (``shard_bytes``) and written whole, instead of through zarr's per-chunk asynchronous
         pipeline, which costs ~40x more CPU per block and competes with the forward pass.
         """
         start, stop = self.block_range(block)
         fs = self.fs
-        for layer in self.spec.layers:
+        for layer in arrays:
+            if layer not in self.spec.layers:
+                raise ValueError(f"layer {layer} is not stored in {self.url}")
             for name in self.spec.array_names:
                 values = arrays[layer][name]
                 if values.shape != (stop - start, self.spec.d_model):
                     raise ValueError(f"block {block} of layer {layer}/{name} has shape {tuple(values.shape)}")
                 data = shard_bytes(to_stored(values.to(self.dtype)), *self.spec.shard_layout, self.spec.compressor)
                 _write_whole(fs, self.shard_path(layer, name, block), data)
-        self.group["_progress/committed"][block] = 1
 
     def write_row_tokens(self, tokens: np.ndarray) -> None:
         self.group["rows/token"][:] = np.asarray(tokens, dtype=np.int64)
@@ -419,6 +475,13 @@ class Store:
 
 
 COMPRESSORS = ("none", "zstd")
+LAYER_FLAGS = "_progress/layers"
+"""Where the per-layer flags of a harvest in passes live, one array per layer."""
+
+
+def _create_flags(group: zarr.Group, path: str, n_blocks: int) -> None:
+    """A uint8 flag per block at ``path``, one file each (absent: 0)."""
+    group.create_array(path, shape=(n_blocks,), dtype="uint8", chunks=(1,), compressors=None, fill_value=0)
 
 
 def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

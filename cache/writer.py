@@ -4,7 +4,9 @@ The forward pass hands over rows in plan order; ``BlockWriter`` copies them into
 buffers and, once a block is full, queues it for the writer threads. The queue is bounded,
 so when the disk is slower than the model the forward pass waits (backpressure) instead of
 filling memory. A block is committed by ``Store.write_block`` after all of its arrays are
-written, so a harvest killed at any instant leaves only whole blocks visible.
+written, so a harvest killed at any instant leaves only whole blocks visible. A pass of a harvest
+in passes hands over some layers only: a block that still lacks others after them gets those
+layers' flags instead (``Store.write_layers``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ _DONE = None
 class BlockWriter:
     """Assembles rows into blocks and writes them with ``n_threads`` threads."""
 
-    def __init__(self, store: Store, skip: np.ndarray, n_threads: int = 2, max_queued: int = 4):
+    def __init__(self, store: Store, skip: np.ndarray, n_threads: int = 2, max_queued: int = 4,
+                 layers: list[int] | None = None, completes: np.ndarray | None = None):
         self.store = store
         self.skip = skip
-        """Blocks already committed: their rows are dropped."""
+        """Blocks already written: their rows are dropped."""
+        self.layers = store.layers if layers is None else layers
+        """The layers handed over (all the store's, or one pass's)."""
+        self.completes = np.ones(len(skip), dtype=bool) if completes is None else completes
+        """Per block: the other layers are written, so these complete it (commit it, not flag layers)."""
         self._open: dict[int, tuple[dict[int, dict[str, torch.Tensor]], int]] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max(max_queued, 1))
         self._error: BaseException | None = None
@@ -64,7 +71,7 @@ class BlockWriter:
         spec = self.store.spec
         return {
             layer: {name: torch.empty(rows, spec.d_model, dtype=self.store.dtype) for name in spec.array_names}
-            for layer in spec.layers
+            for layer in self.layers
         }
 
     def _put(self, item) -> None:
@@ -83,7 +90,8 @@ class BlockWriter:
                 if item is _DONE or self._error is not None:
                     continue
                 block, buffers = item
-                self.store.write_block(block, buffers)
+                write = self.store.write_block if self.completes[block] else self.store.write_layers
+                write(block, buffers)
                 n = next(iter(next(iter(buffers.values())).values())).shape[0]
                 with self._lock:
                     self.rows_written += n

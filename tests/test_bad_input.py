@@ -105,6 +105,8 @@ CASES = {
     "harvest: empty data": (["harvest", *MODELS, "--data", "{root}/empty.jsonl", "--out", "{root}/h2"], "empty"),
     "harvest: block rows 0": (["harvest", *MODELS, "--data", "{data}", "--out", "{root}/h3", "--block-rows", "0"],
                               "--block-rows must be a positive integer"),
+    "harvest: layers per pass 0": (["harvest", *MODELS, "--data", "{data}", "--out", "{root}/h6",
+                                    "--layers-per-pass", "0"], "--layers-per-pass must be a positive integer"),
     "harvest: layer out of range": (["harvest", *MODELS, "--data", "{data}", "--out", "{root}/h4", "--layers", "9"],
                                     "layer 9"),
     "harvest: over an existing store": (["harvest", *MODELS, "--data", "{data}", "--out", "{store}"], "already"),

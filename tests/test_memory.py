@@ -118,18 +118,52 @@ def test_a_cpu_harvest_in_the_checkpoint_dtype_counts_only_the_layers_it_reads()
     assert converted.held("cpu") == params * 4 + 2 * mlp * 2 + 2 * 64 * D * 4 + 1 * 64 * 2 * 2 * D * 4
 
 
-def test_harvest_plan_of_the_real_pair_equals_a_hand_computation():
+T_HARVEST, S_HARVEST, R_HARVEST = 8192, 4096, 8192
+"""--batch-tokens 8192 over documents of up to 4096 tokens, every token a row."""
+
+
+def harvest_plan(layers_per_pass: int = 0) -> memory.MemoryPlan:
+    """The plan of a harvest of every layer of the real pair at its defaults, on CUDA."""
+    work = Workload("harvest", layers=tuple(range(L)), tokens=T_HARVEST, seq_len=S_HARVEST, rows=R_HARVEST,
+                    block_rows=4096, blocks_in_flight=7, layers_per_pass=layers_per_pass)
+    return memory_plan(work, QWEN25_7B, QWEN25_7B, torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("k", [L, 7])
+def test_harvest_plan_of_the_real_pair_equals_a_hand_computation(k):
+    """With --layers-per-pass k only k layers' base MLPs, MLP inputs, rows and buffers are held."""
     params, mlp = hand_params()
-    T, s, R = 8192, 4096, 8192  # --batch-tokens 8192 over documents of up to 4096 tokens, every token a row
-    work = Workload("harvest", layers=tuple(range(L)), tokens=T, seq_len=s, rows=R, block_rows=4096,
-                    blocks_in_flight=7)
-    plan = memory_plan(work, QWEN25_7B, QWEN25_7B, torch.bfloat16, torch.device("cuda"))
-    weights = params * 2 + L * mlp * 2  # the bf16 target, and the 28 base MLPs as stored
-    captured = L * T * D * 2  # each layer's MLP input until the forward stops
+    T, s, R = T_HARVEST, S_HARVEST, R_HARVEST
+    plan = harvest_plan(k)
+    weights = params * 2 + k * mlp * 2  # the bf16 target, and the pass's base MLPs as stored
+    captured = k * T * D * 2  # each layer's MLP input until the forward stops
     forward = 2 * T * (2 * D + 3 * I) + T * s  # residual, norm, gate, up, product; boolean mask
-    mlps = D * I * 4 + 4 * R * (2 * D + 3 * I) + L * 2 * R * D * 2  # one float32 matrix, the MLP math, the rows
-    assert plan.need() == {"cuda:0": weights + captured + max(forward, mlps), "host": 7 * 4096 * L * 2 * D * 2}
-    assert round(plan.need()["cuda:0"] / 1e9, 1) == 33.9  # the figure docs/scale.md quotes
+    mlps = D * I * 4 + 4 * R * (2 * D + 3 * I) + k * 2 * R * D * 2  # one float32 matrix, the MLP math, the rows
+    assert plan.need() == {"cuda:0": weights + captured + max(forward, mlps), "host": 7 * 4096 * k * 2 * D * 2}
+    if k == L:
+        assert round(plan.need()["cuda:0"] / 1e9, 1) == 33.9  # the figure docs/scale.md quotes
+        assert plan.need() == harvest_plan(0).need() == harvest_plan(99).need()
+    else:
+        assert "base MLPs of the 7 layers of one pass (of 4) as stored (bfloat16)" in plan.table()
+
+
+def test_a_refused_harvest_names_the_largest_layers_per_pass_that_fits(monkeypatch):
+    needs = {k: harvest_plan(k).need()["cuda:0"] for k in range(1, L + 1)}
+    assert all(needs[k] < needs[k + 1] for k in range(1, L))
+    free = {"cuda:0": (needs[9] + needs[10]) // 2, "host": 10**12}
+    monkeypatch.setattr(memory, "free_bytes", lambda where: free[where])
+    advice = (r"; pass --layers-per-pass 9 \(the most that fits: 4 passes over the data, each a forward of the "
+              r"target\), harvest fewer --layers or lower --batch-tokens\.$")
+    for k in (0, 12):
+        with pytest.raises(TcaError, match=r"^tca harvest needs about \d+\.\d\d GB on cuda:0 but \d+\.\d\d GB is free "
+                                           r"there \(the memory plan is in the log\)" + advice) as e:
+            check_memory(harvest_plan(k))
+        assert e.value.args[0].count(". ") == 0  # one sentence
+    free["cuda:0"] = needs[1] - 1  # not even one layer per pass: the usual advice
+    with pytest.raises(TcaError, match=r"; harvest fewer --layers or lower --batch-tokens\.$"):
+        check_memory(harvest_plan())
+    free["cuda:0"] = needs[9]
+    assert check_memory(harvest_plan(9)).need()["cuda:0"] == needs[9]
 
 
 def test_adapted_model_plans_of_the_real_pair_equal_a_hand_computation():
