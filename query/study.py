@@ -19,10 +19,12 @@ The study finds them on one set of held-out prompts and judges them on another:
    accuracy stays within ``accuracy_tolerance`` of the unablated model and hesitations do not
    rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
-   multiple of their mean active value in ``clamp_scales``; the scale with the most hesitations
-   in *finished* responses is the one the verdict uses. A response that runs to
-   ``max_new_tokens`` counts no hesitation: a clamp strong enough sends the hybrid into a loop
-   of the word ("Wait, Wait, …"), which adds many words but no re-checked step.
+   multiple of their mean active value in ``clamp_scales``; the scale whose hesitations per
+   *finished* response come closest to the target's on the same prompts is the one the verdict
+   uses: the question is whether the features bring back the target's behaviour, not how many
+   words a clamp can force. A response that runs to ``max_new_tokens`` counts no hesitation: a
+   clamp strong enough sends the hybrid into a loop of the word ("Wait, Wait, …"), which adds
+   many words but no re-checked step.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
@@ -128,9 +130,10 @@ class StudyConfig:
     clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its mean active value on the selection
-    part; the scale with the most hesitations in finished responses (a response cut at
-    ``max_new_tokens`` counts none) is judged on the verdict part. Fine steps between 1 and 2
-    because on the demo pair the clamp turns from too weak to a loop of "Wait" in that range."""
+    part; the scale whose hesitations per finished response (a response cut at ``max_new_tokens``
+    counts none) come closest to the target's there is judged on the verdict part. Fine steps
+    between 1 and 2 because on the demo pair the clamp turns from too weak to a loop of "Wait" in
+    that range."""
     sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
     """Sufficient: the lower bound of the hesitations per finished response the clamp adds to the
     hybrid must reach this fraction of the target's."""
@@ -262,6 +265,8 @@ class StudyReport:
     """Features that pass the filter (none of them may serve as a control)."""
     selection_adapted: Trial
     """The unablated adapted model on the selection prompts: the search's reference."""
+    selection_target: Trial
+    """The target on the selection prompts: the clamp sweep's reference."""
     necessity: list[Trial]
     """Selection part: one ablation in the adapted model per candidate tried, best first, the
     candidate with the ones kept so far. It is kept when accuracy stays within the tolerance and
@@ -271,7 +276,8 @@ class StudyReport:
     clamp_sweep: list[Trial]
     """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
     clamp_scale: float
-    """The scale of the sweep with the most hesitations in finished responses (the first listed on a tie)."""
+    """The scale of the sweep whose hesitations per finished response are closest to
+    ``selection_target``'s (the first listed on a tie)."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
@@ -530,9 +536,11 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     def clamps(scale: float) -> list[FeatureEdit]:
         return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean)
 
+    sel_target, _ = run(selection, "target (selection)", "target", [], [])
     sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
              for s in cfg.clamp_scales]
-    scale = cfg.clamp_scales[max(range(len(sweep)), key=lambda i: (sweep[i].finished_hesitations, -i))]
+    scale = cfg.clamp_scales[min(range(len(sweep)), key=lambda i: (
+        abs(sweep[i].finished_hesitations - sel_target.finished_hesitations), i))]
 
     # ---- verdict: every figure a verdict uses, prompt by prompt
     per_prompt: dict[str, Outcomes] = {}
@@ -580,7 +588,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     report = StudyReport(
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
         verdict_docs=verdict.docs, n_positions=n_positions, total_features=total, candidates=candidates,
-        n_passing=len(passing), selection_adapted=sel_adapted, necessity=necessity, search_met_cut=met,
+        n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target, necessity=necessity, search_met_cut=met,
         clamp_sweep=sweep, clamp_scale=scale, hesitation_features=hesitation,
         baseline={k: trials[k].figures for k in ("target", "hybrid", "adapted")},
         baseline_p_words={k: trials[k].p_words for k in ("target", "hybrid", "adapted")},
@@ -696,7 +704,7 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
     lines.append(
         f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} their mean "
-        f"activation (the scale of the selection sweep with the most hesitations in finished responses), {who} "
+        f"activation (the scale of the selection sweep closest to the target's hesitations there), {who} "
         f"{adds} {_est(added)} hesitations per response, a response cut at the token limit counting none "
         f"({_est(hybrid['finished_hesitations'])} → {_est(clamped['finished_hesitations'])}; "
         f"{_est(clamped['truncated'], '.0%')} of clamped responses cut, "
@@ -762,7 +770,7 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "", "### The clamp sweep in the hybrid", "",
               "Each feature is clamped at the given multiple of its mean active value, at every position, with "
               "every other adapter feature off.", "", "![sufficiency](sufficiency.png)", "",
-              _trials_table(report.clamp_sweep), "",
+              _trials_table([report.selection_target] + report.clamp_sweep), "",
               f"p(words): teacher-forced probability of {words} at the positions where the target predicts one; the "
               "other columns are greedy generations from the part's prompts.", "",
               "Find a feature's examples with `tca top INDEX LAYER FEATURE`, or in SQL:", "",
@@ -882,6 +890,8 @@ def _plot_sufficiency(report: StudyReport, path: Path) -> None:
     values = [t.finished_hesitations for t in report.clamp_sweep]
     colours = ["C1" if n == f"x{report.clamp_scale:g}" else "C0" for n in names]
     sweep.bar(names, values, color=colours)
+    sweep.axhline(report.selection_target.finished_hesitations, color="C2", ls="--", lw=1, label="target")
+    sweep.legend(fontsize=7)
     sweep.set_xlabel("clamp scale (× mean active value); orange: the one judged")
     sweep.set_ylabel("hesitations / finished response")
     sweep.set_title("selection prompts: clamped in the hybrid", fontsize=9)

@@ -141,8 +141,12 @@ def test_trials_equal_generation_with_the_same_edits(study):
         # a response cut at the token limit counts no hesitation
         assert trial["finished_hesitations"] == pytest.approx(
             np.mean([0 if e.truncated else e.hesitations for e in each]))
-    assert report["clamp_scale"] == [0.5, 1.0][max(range(2), key=lambda i: (
-        report["clamp_sweep"][i]["finished_hesitations"], -i))]
+    target, each = run(selection, "target", [])
+    assert target.__dict__ == report["selection_target"]["figures"]
+    reference = np.mean([0 if e.truncated else e.hesitations for e in each])
+    assert report["selection_target"]["finished_hesitations"] == pytest.approx(reference)
+    assert report["clamp_scale"] == [0.5, 1.0][min(range(2), key=lambda i: (
+        abs(report["clamp_sweep"][i]["finished_hesitations"] - reference), i))]
     clamps = [FeatureEdit(l, [f], report["clamp_scale"] * mean[(l, f)]) for l, f in clamped["features"]]
     assert run(verdict, "hybrid", clamps)[0].__dict__ == clamped["figures"]
     if report["ablated"] is not None:
