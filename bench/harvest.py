@@ -12,6 +12,9 @@ Prints JSON lines, each a ratio measured side by side in one run:
   (the target forward up to the last selected layer plus both MLPs on the captured x, in the
   harvest's own batches and torch threads), timed before and after the harvest and averaged
   (design.md §12: limit 1.0, goal ≤ 1.10);
+- ``harvest_passes``: wall (and CPU) time of the same harvest with ``--layers-per-pass 1``, a pass
+  over the data per layer, ÷ the one-pass harvest's (docs/scale.md: each pass runs the target
+  forward again, up to its layer; the MLPs and the writing are the same);
 - ``bytes_per_row``: bytes on disk of the layer arrays per stored row per layer ÷ (2·d·itemsize);
 - ``store_io``: write and read MB/s of each chunk layout (and compressor) ÷ plain sequential
   numpy I/O of the same bytes (``tofile``/``fromfile``).
@@ -22,6 +25,7 @@ Prints JSON lines, each a ratio measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from tca.cache.capture import PairedMlps, mlp_inputs, rows_from_inputs
 from tca.cache.harvest import HarvestConfig, batch_inputs, harvest, plan_batches
 from tca.cache.layers import select_layers
@@ -102,11 +107,25 @@ def harvest_ratio(cfg: HarvestConfig, device: torch.device) -> dict:
                 threads=cfg.threads, device=device.type)
 
 
+def passes_ratio(cfg: HarvestConfig, one_pass: dict) -> dict:
+    """The ``harvest_passes`` figure: ``cfg`` harvested a layer per pass ÷ ``one_pass``, the one-pass
+    harvest that ``harvest_ratio`` timed, in wall and in CPU seconds of this process."""
+    cpu0 = time.process_time()
+    result = harvest(dataclasses.replace(cfg, out=cfg.out + "-passes", layers_per_pass=1))
+    cpu = time.process_time() - cpu0
+    return dict(ratio=round(result.seconds / one_pass["harvest_s"], 3),
+                cpu_ratio=round(cpu / one_pass["harvest_cpu_s"], 3), harvest_s=round(result.seconds, 3),
+                one_pass_s=one_pass["harvest_s"], harvest_cpu_s=round(cpu, 3), one_pass_cpu_s=one_pass["harvest_cpu_s"],
+                layers_per_pass=1, layers=cfg.layers, tokens=result.n_tokens)
+
+
 def bench_overhead(base: Path, target: Path, data: Path, work: Path, args) -> None:
     plan = PlanConfig(data=str(data), max_tokens=args.max_tokens, seq_len=args.seq_len)
     cfg = HarvestConfig(base=str(base), target=str(target), out=str(work / "store"), plan=plan,
                         layers=args.layers, batch_tokens=args.batch_tokens, device=args.device, threads=args.threads)
-    emit(figure="harvest_overhead", **harvest_ratio(cfg, torch.device(args.device)))
+    one_pass = harvest_ratio(cfg, torch.device(args.device))
+    emit(figure="harvest_overhead", **one_pass)
+    emit(figure="harvest_passes", **passes_ratio(cfg, one_pass))
     store = Store.open(cfg.out)
     itemsize = torch.empty(0, dtype=store.dtype).element_size()
     layer_bytes = store.fs.du(f"{store.root}/layers", total=True)
@@ -157,8 +176,6 @@ def bench_io(work: Path, args) -> None:
 def seven_b_pair(fixture: Path | None, work: Path) -> tuple[Path, Path]:
     """The 2-layer pair of Qwen2.5-7B's shapes (tca.toy.pairs.QWEN2_7B), built into ``fixture`` (or
     the scratch folder) unless it is already there."""
-    import dataclasses
-
     from tca.toy.pairs import QWEN2_7B, build_random_pair
     from tca.toy.tiny import tiny_tokenizer
 

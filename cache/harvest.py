@@ -141,7 +141,8 @@ class HarvestResult:
     n_tokens: int
     n_rows: int
     blocks_written: int
-    """Blocks this process wrote (all the store's blocks but those committed before, or its rank's share)."""
+    """Blocks this process wrote arrays of, in any pass (all the store's blocks but those written before,
+    or its rank's share)."""
     seconds: float
     rank: int = 0
     world_size: int = 1
