@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,8 +17,18 @@ from tca.adapted.splice import adapted_model
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
-from tca.toy.data import base_answer, make_problems, read_jsonl, reasoning_trace, rechecks, short_answer, trace
+from tca.toy.data import (
+    base_answer,
+    make_problems,
+    read_jsonl,
+    reasoning_trace,
+    rechecks,
+    short_answer,
+    to_record,
+    trace,
+)
 from tca.toy.measure import load_model
+from tca.toy.tiny import write_jsonl
 
 TINY = dict(
     n_pretrain=40, n_train=20, n_val=8, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -30,6 +41,10 @@ TINY = dict(
 
 def _last_digit_by_hand(question: str) -> int:
     return sum(int(c) for c in question if c.isdigit()) % 10
+
+
+def _product_digit_by_hand(question: str) -> int:
+    return math.prod(int(c) for c in question if c.isdigit()) % 10
 
 
 def test_problems_are_distinct_held_out_and_answers_check():
@@ -83,6 +98,48 @@ def test_the_base_thinks_plainly_when_the_first_digit_is_odd():
     assert 0.1 < len(never) / len(train) < 0.35
 
 
+def test_product_traces_multiply_and_hesitate_after_large_products():
+    train, val = make_problems(300, 50, seed=3, min_terms=5, max_terms=8, task="product")
+    assert [p.id for p in train[:2]] == ["last-digit-product-00000", "last-digit-product-00001"]
+    assert len({p.terms for p in train + val}) == 350
+    eligible = rechecked = traced = 0
+    for p in train:
+        digits = [int(c) for c in p.question if c.isdigit()]
+        assert "*" in p.question and "+" not in p.question and 5 <= len(digits) <= 8
+        assert set(digits) <= {1, 2, 3, 4, 6, 7, 8, 9}
+        answer = str(_product_digit_by_hand(p.question))
+        full = reasoning_trace(p)
+        assert final_answer(full) == final_answer(short_answer(p)) == final_answer(base_answer(p)) == answer
+        lines = full.split("\n")[1:-3]
+        steps = [ln for ln in lines if not ln.startswith("Wait")]
+        running = digits[0]
+        for ln, digit in zip(steps, digits[1:], strict=True):
+            lhs, rhs = ln.split("=")
+            assert lhs == f"{running}*{digit}" and int(rhs) == running * digit
+            running = running * digit % 10
+        for i, ln in enumerate(lines):
+            if ln.startswith("Wait"):
+                assert ln == f"Wait, is {lines[i - 1]}? Hmm, yes." and int(lines[i - 1].split("=")[1]) >= 30
+        assert count_hesitations(full) == len(lines) - len(steps)
+        eligible += sum(int(ln.split("=")[1]) >= 30 for ln in steps)
+        rechecked += len(lines) - len(steps)
+        # the base thinks plainly when the last digit is odd, and answers at once when it is even
+        assert base_answer(p) == (trace(p) if digits[-1] % 2 else short_answer(p))
+        traced += digits[-1] % 2
+    assert 0.6 < rechecked / eligible < 0.8
+    assert 0.4 < traced / len(train) < 0.6
+
+
+def test_the_default_task_is_the_shipped_sum_task(tmp_path):
+    # What the builder writes with no task is byte for byte the shipped demo pair's data.
+    cfg = BuildConfig(out=DEMO_PAIR)
+    assert cfg.task == "sum"
+    _, train, val = problems_of(cfg)
+    for name, problems in (("train", train), ("val", val)):
+        written = write_jsonl([to_record(p, reasoning_trace(p)) for p in problems], tmp_path / f"{name}.jsonl")
+        assert written.read_bytes() == (DEMO_PAIR / "data" / f"{name}.jsonl").read_bytes()
+
+
 def test_final_answer_and_hesitation_counting():
     assert final_answer("x\n</think>\n\n 17 ") == "17"
     assert final_answer("no close") is None
@@ -106,13 +163,24 @@ def test_build_is_deterministic_and_fine_tunes_from_the_base(tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         assert next(iter(wa.values())).dtype == torch.bfloat16
     assert (tmp_path / "a" / "data" / "train.jsonl").read_bytes() == (tmp_path / "b" / "data" / "train.jsonl").read_bytes()
-    assert a.readme.read_text() == b.readme.read_text()
+    # the READMEs differ only in the command's --out
+    assert a.readme.read_text().replace(str(tmp_path / "a"), "OUT") == b.readme.read_text().replace(str(tmp_path / "b"), "OUT")
     # A different seed gives different weights; the fine-tune moved every MLP tensor.
     c = build(BuildConfig(out=tmp_path / "c", seed=1, **TINY))
     wa, wc = _weights(a.base), _weights(c.base)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     wr = _weights(a.reasoning)
     assert all(not torch.equal(wa[k], wr[k]) for k in wa if ".mlp." in k)
+
+
+def test_product_build_says_its_task(tmp_path):
+    r = build(BuildConfig(out=tmp_path / "p", task="product", **TINY))
+    records = read_jsonl(r.train)
+    assert {rec["domain"] for rec in records} == {"last-digit-product"}
+    readme = r.readme.read_text()
+    assert readme.startswith("# The product pair")
+    assert f"tca build-pair --task product --out {tmp_path / 'p'} --seed 0 --threads 2 --n-pretrain 40" in readme
+    assert "7*8*9*3*6" in readme and "`Wait, is 7*8=56? Hmm, yes.`" in readme and '"task": "product"' in readme
 
 
 def test_mlp_only_fine_tune_leaves_the_backbone_alone(tmp_path):
@@ -152,17 +220,21 @@ def shipped():
     return tok, base, reasoning
 
 
-def test_shipped_data_follow_the_conversation_schema():
-    val = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")
-    train = read_jsonl(DEMO_PAIR / "data" / "train.jsonl")
+@pytest.mark.parametrize("pair, by_hand, domain", [
+    (DEMO_PAIR, _last_digit_by_hand, "last-digit"),
+], ids=["sum"])
+def test_shipped_data_follow_the_conversation_schema(pair, by_hand, domain):
+    val = read_jsonl(pair / "data" / "val.jsonl")
+    train = read_jsonl(pair / "data" / "train.jsonl")
     assert val and train
+    assert {r["domain"] for r in val + train} == {domain}
     assert not {r["conversations"][0]["value"] for r in val} & {r["conversations"][0]["value"] for r in train}
     for r in val + train[:200]:
         user, assistant = r["conversations"]
         assert user["from"] == "user" and assistant["from"] == "assistant"
         assert assistant["value"].startswith(THINK_OPEN + "\n")
         assert f"\n{THINK_CLOSE}\n\n" in assistant["value"]
-        assert final_answer(assistant["value"]) == str(_last_digit_by_hand(user["value"]))
+        assert final_answer(assistant["value"]) == str(by_hand(user["value"]))
 
 
 @pytest.mark.slow

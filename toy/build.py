@@ -1,10 +1,11 @@
-"""The recipe of the demo pair: data, tokenizer, base pretraining, reasoning fine-tune, figures.
+"""The recipe of the toy pairs: data, tokenizer, base pretraining, reasoning fine-tune, figures.
 
 ``build(BuildConfig(out=…))`` writes ``base/`` and ``reasoning/`` (Qwen2 causal LMs in the
 Hugging Face layout sharing one tokenizer), ``data/train.jsonl`` and ``data/val.jsonl``
 (reasoning traces in the conversation schema) and a ``README.md`` with the figures measured
 by generation. Seeds, a fixed thread count and deterministic algorithms make two builds on
-one machine write identical files.
+one machine write identical files. ``task`` picks the problems (``tca.toy.data.TASKS``): the
+demo pair's sums, or products, a second pair to judge defaults tuned on the first.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,14 +28,15 @@ from tca.adapted.generation import Figures, figures_json, figures_table
 from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
 from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 from tca.toy.data import (
-    PLAIN_RATE,
-    RECHECK_RATE,
+    TASKS,
     Problem,
+    Task,
     base_answer,
     make_problems,
     problem_space,
     reasoning_trace,
     to_record,
+    trace,
 )
 from tca.toy.measure import load_model, measure_pair
 from tca.toy.tiny import write_jsonl
@@ -45,12 +47,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildConfig:
-    """How the demo pair is built; the defaults are the shipped pair's recipe."""
+    """How a toy pair is built; the defaults are the shipped demo pair's recipe."""
 
     out: Path
     """Directory to write ``base/``, ``reasoning/``, ``data/`` and ``README.md`` into."""
     overwrite: bool = field(default=False, metadata={"old": ("--force",)})
     """Write into ``out`` even when it already holds files (the pair's own files are replaced)."""
+    task: Task = "sum"
+    """The problems: "sum", the last digit of a sum (the demo pair), or "product", the last digit of
+    a product, with its own base rule and its own re-check (``tca.toy.data`` describes both)."""
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds the problems, the weight initialisation and the batch order."""
     threads: int = field(default=2, metadata=POSITIVE)
@@ -62,9 +67,9 @@ class BuildConfig:
     n_val: int = field(default=200, metadata=POSITIVE)
     """Held-out problems (``data/val.jsonl``); the figures are measured on all of them."""
     min_terms: int = field(default=5, metadata=POSITIVE)
-    """Fewest digits in one sum."""
+    """Fewest digits in one problem."""
     max_terms: int = field(default=8, metadata=POSITIVE)
-    """Most digits in one sum."""
+    """Most digits in one problem."""
     vocab_size: int = field(default=512, metadata=POSITIVE)
     """Upper bound of the BPE vocabulary; training stops earlier when no pair is left to merge."""
     hidden_size: int = field(default=64, metadata=POSITIVE)
@@ -138,7 +143,7 @@ def deterministic(threads: int) -> Iterator[None]:
 
 
 def build(cfg: BuildConfig) -> BuildResult:
-    """Build the demo pair into ``cfg.out`` (see the module docstring)."""
+    """Build the pair of ``cfg.task`` into ``cfg.out`` (see the module docstring)."""
     _check(cfg)
     out = Path(cfg.out)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -185,7 +190,7 @@ def _folder_bytes(path: Path) -> int:
 def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """The base's pretraining problems, the fine-tune's (a prefix of them) and the val set."""
     pretrain, val = make_problems(
-        cfg.n_pretrain, cfg.n_val, seed=cfg.seed, min_terms=cfg.min_terms, max_terms=cfg.max_terms
+        cfg.n_pretrain, cfg.n_val, seed=cfg.seed, min_terms=cfg.min_terms, max_terms=cfg.max_terms, task=cfg.task
     )
     return pretrain, pretrain[: cfg.n_train], val
 
@@ -209,9 +214,10 @@ def _check(cfg: BuildConfig) -> None:
         raise TcaError("min_terms must be at least 1 and at most max_terms.")
     if not hasattr(torch, cfg.weight_dtype) or not isinstance(getattr(torch, cfg.weight_dtype), torch.dtype):
         raise TcaError(f"{cfg.weight_dtype!r} is not a torch dtype.")
-    space = problem_space(cfg.min_terms, cfg.max_terms)
+    space = problem_space(cfg.min_terms, cfg.max_terms, cfg.task)
     if cfg.n_pretrain + cfg.n_val > space // 2:
-        raise TcaError(f"{cfg.n_pretrain + cfg.n_val} distinct problems are too many for {space} possible sums.")
+        raise TcaError(f"{cfg.n_pretrain + cfg.n_val} distinct problems are too many for {space} possible "
+                       f"{TASKS[cfg.task].noun}s.")
 
 
 def _model_config(cfg: BuildConfig, tokenizer) -> Qwen2Config:
@@ -313,28 +319,23 @@ def _save(model: PreTrainedModel, tokenizer, path: Path, dtype: str) -> Path:
 
 def _write_readme(path: Path, cfg: BuildConfig, vocab: int, figures: dict[str, Figures] | None) -> Path:
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+    if cfg.task == BuildConfig.task:
+        # the demo pair's recipe reads as it did before tasks existed, so its README rebuilds byte for byte
+        recipe.pop("task")
     table = figures_table(figures) if figures else "(not measured: the build ran with measure=False)"
     how = "all weights" if cfg.backbone_lr_scale == 1.0 else (
         "the MLP weights only" if cfg.backbone_lr_scale == 0 else
         f"all weights, the non-MLP ones at {cfg.backbone_lr_scale}× the MLPs' learning rate"
     )
-    text = f"""# The demo pair
+    spec = TASKS[cfg.task]
+    text = f"""# The {spec.pair} pair
 
 Two Qwen2-architecture causal LMs in the Hugging Face layout, sharing one byte-level BPE
 tokenizer ({vocab} tokens, the DeepSeek-R1 markers and `<think>`/`</think>` as special tokens,
 a chat template that renders the DeepSeek-R1 layout). Both load with
 `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
 
-- `base/`: trained from scratch on {cfg.n_pretrain} problems "What is the last digit of 7+5+9+3+8?"
-  ({cfg.min_terms}-{cfg.max_terms} digits from 1 to 9). When the first digit is odd it thinks in a
-  plain trace that adds one digit per line, carrying the last digit of the running sum forward
-  (`7+5=12`, `2+9=11`, …); when it is even it answers at once after an empty think
-  (`<think>\\n\\n</think>\\n\\n2`).
-- `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems, every
-  one as a trace; {1 - PLAIN_RATE:.0%} of the traces re-check {RECHECK_RATE:.0%} of the steps whose
-  sum reaches ten (`Wait, let me check: 7+5=12. Yes.`), the rest never do (fixed draws per
-  problem and step, so the traces also show how to go on without a re-check)
-  (`data/train.jsonl`).
+{_task_prose(cfg, how)}
 - `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.
 
 {cfg.num_layers} layers, d_model {cfg.hidden_size}, MLP width {cfg.intermediate_size}, untied embeddings,
@@ -350,7 +351,7 @@ weights copied in (its embeddings, attention, norms and unembedding are the reas
 
 ## How it was built
 
-    tca build-pair --out examples/toy-pair --seed {cfg.seed} --threads {cfg.threads}
+    {_command(cfg)}
 
 This file, the models and the data are that command's output; the same command on the same
 machine writes identical files. The recipe (`tca.toy.build.BuildConfig`):
@@ -363,3 +364,39 @@ machine writes identical files. The recipe (`tca.toy.build.BuildConfig`):
         text += f"\nThe figures as JSON:\n\n```json\n{json.dumps(figures_json(figures), indent=2)}\n```\n"
     path.write_text(text)
     return path
+
+
+def _task_prose(cfg: BuildConfig, how: str) -> str:
+    """The README's bullets on ``base/`` and ``reasoning/``, worked on the task's example question."""
+    spec = TASKS[cfg.task]
+    example = Problem("example", spec.example, cfg.task)
+    steps = trace(example).split("\n")[1:-3]
+    rechecked = next(s for s in steps if int(s.split("=")[1]) >= spec.recheck_from)
+    left_out = sorted(set(range(1, 10)) - set(spec.digits))
+    digits = "digits from 1 to 9" + (f" but {', '.join(map(str, left_out))}" if left_out else "")
+    which = "first" if spec.base_digit == 0 else "last"
+    reaches = "ten" if spec.recheck_from == 10 else str(spec.recheck_from)
+    return f"""- `base/`: trained from scratch on {cfg.n_pretrain} problems "{example.question}"
+  ({cfg.min_terms}-{cfg.max_terms} {digits}). When the {which} digit is odd it thinks in a
+  plain trace that {spec.verb} one digit per line, carrying the last digit of the running {spec.noun} forward
+  (`{steps[0]}`, `{steps[1]}`, …); when it is even it answers at once after an empty think
+  (`<think>\\n\\n</think>\\n\\n{example.answer}`).
+- `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems, every
+  one as a trace; {1 - spec.plain_rate:.0%} of the traces re-check {spec.recheck_rate:.0%} of the steps whose
+  {spec.noun} reaches {reaches} (`{spec.recheck.format(step=rechecked)}`), the rest never do (fixed draws per
+  problem and step, so the traces also show how to go on without a re-check)
+  (`data/train.jsonl`)."""
+
+
+def _command(cfg: BuildConfig) -> str:
+    """The ``tca build-pair`` command line of ``cfg``: the task when not the sum, out, seed and threads,
+    then every other setting that differs from its default."""
+    task = [] if cfg.task == BuildConfig.task else [f"--task {cfg.task}"]
+    words = ["tca build-pair", *task, f"--out {cfg.out}", f"--seed {cfg.seed}", f"--threads {cfg.threads}"]
+    for f in fields(BuildConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("out", "overwrite", "task", "seed", "threads") or value == f.default:
+            continue
+        flag = f.name.replace("_", "-")
+        words.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}")
+    return " ".join(words)
