@@ -367,12 +367,11 @@ class Store:
     def drop_layer_flags(self) -> None:
         """Remove the set per-layer flags of a complete store: its block flags say all they said,
         and a harvest in passes leaves one file per layer and block."""
-        flags = self.fs.glob(f"{self.root}/{LAYER_FLAGS}/*/c")
-        try:
-            if flags:
-                self.fs.rm(flags, recursive=True)
-        except FileNotFoundError:  # another rank, also finishing, removed them first
-            pass
+        for folder in self.fs.glob(f"{self.root}/{LAYER_FLAGS}/*/c"):
+            try:
+                self.fs.rm(folder, recursive=True)
+            except FileNotFoundError:  # another rank, also finishing, removed it first
+                pass
 
     def _require_committed(self, start: int, stop: int) -> None:
         if stop <= start:

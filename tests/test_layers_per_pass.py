@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_harvest import raw_arrays
+from test_ranks import same_files, spawn_ranks
 
 import tca.cache.harvest as harvest_module
 from tca.cache.harvest import HarvestConfig, harvest, layer_passes
@@ -125,3 +126,15 @@ def test_an_interrupted_harvest_in_passes_resumes_where_it_stopped(tiny_pair, ti
     for key, values in theirs.items():
         assert np.array_equal(ours[key], values), key
     assert files(out) == files(one_pass)
+
+
+def test_two_ranks_in_passes_write_the_one_pass_store(tiny_pair, tiny_data, one_pass, tmp_path):
+    """Each rank runs every pass over its own blocks; whichever finishes last removes the layer flags."""
+    out = tmp_path / "store"
+    argv = ["harvest", "--base", str(tiny_pair[0]), "--target", str(tiny_pair[1]), "--data", str(tiny_data),
+            "--out", str(out), "--layers", "all", "--block-rows", "64", "--chunk-rows", "32", "--batch-tokens", "160",
+            "--store-y", "--device", "cpu", "--max-tokens", str(MAX_TOKENS), "--keep-frac", "0.8",
+            "--layers-per-pass", "3", "--json"]
+    procs = spawn_ranks(argv, 2)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    assert same_files(one_pass, out) == []
