@@ -244,7 +244,8 @@ def _harvest(cfg: HarvestConfig) -> HarvestResult:
     for i, group in enumerate(passes):
         rows = [layers.index(layer) for layer in group]
         skip = written[rows].all(axis=0)
-        label = f"pass {i + 1}/{len(passes)}: {layer_span(group)}" if len(passes) > 1 else ""
+        span = f"layer {group[0]}" if len(group) == 1 else layer_span(group)
+        label = f"pass {i + 1}/{len(passes)}: {span}" if len(passes) > 1 else ""
         mlps = pending.pop(i, None)
         if skip.all():
             log.info("%s: every block is written already", label or "harvest")

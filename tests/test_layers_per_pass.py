@@ -70,7 +70,7 @@ def test_passes_store_what_one_pass_stores(tiny_pair, tiny_data, one_pass, tmp_p
     assert files(tmp_path / "s") == files(one_pass)  # the per-layer flags are gone once it is complete
     passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass ")]
     if per_pass == 1:
-        assert [m.split(": harvesting")[0] for m in passes] == [f"pass {i + 1}/4: layers {i}" for i in range(4)]
+        assert [m.split(": harvesting")[0] for m in passes] == [f"pass {i + 1}/4: layer {i}" for i in range(4)]
     elif per_pass == 9:
         assert passes == []
 
