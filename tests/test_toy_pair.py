@@ -39,6 +39,9 @@ TINY = dict(
 # --- data -------------------------------------------------------------------------------
 
 
+PRODUCT_PAIR = DEMO_PAIR.parent / "product-pair"
+
+
 def _last_digit_by_hand(question: str) -> int:
     return sum(int(c) for c in question if c.isdigit()) % 10
 
@@ -164,7 +167,8 @@ def test_build_is_deterministic_and_fine_tunes_from_the_base(tmp_path):
         assert next(iter(wa.values())).dtype == torch.bfloat16
     assert (tmp_path / "a" / "data" / "train.jsonl").read_bytes() == (tmp_path / "b" / "data" / "train.jsonl").read_bytes()
     # the READMEs differ only in the command's --out
-    assert a.readme.read_text().replace(str(tmp_path / "a"), "OUT") == b.readme.read_text().replace(str(tmp_path / "b"), "OUT")
+    readme_a, readme_b = (r.readme.read_text().replace(str(r.readme.parent), "OUT") for r in (a, b))
+    assert readme_a == readme_b
     # A different seed gives different weights; the fine-tune moved every MLP tensor.
     c = build(BuildConfig(out=tmp_path / "c", seed=1, **TINY))
     wa, wc = _weights(a.base), _weights(c.base)
@@ -222,7 +226,8 @@ def shipped():
 
 @pytest.mark.parametrize("pair, by_hand, domain", [
     (DEMO_PAIR, _last_digit_by_hand, "last-digit"),
-], ids=["sum"])
+    (PRODUCT_PAIR, _product_digit_by_hand, "last-digit-product"),
+], ids=["sum", "product"])
 def test_shipped_data_follow_the_conversation_schema(pair, by_hand, domain):
     val = read_jsonl(pair / "data" / "val.jsonl")
     train = read_jsonl(pair / "data" / "train.jsonl")
