@@ -440,8 +440,8 @@ def study_hesitation(cfg, as_json) -> None:
     Necessary: ablating the set cuts hesitations per response by at least --cut at the lower end
     of its 95% interval, keeps accuracy within --accuracy-tolerance, and beats --controls random
     sets matched in activation frequency. Sufficient: clamping the set on in the hybrid brings at
-    least --sufficient-fraction of the target's hesitations, lower bound again, counted in finished
-    responses (one cut at --max-new-tokens, as a loop of "Wait" is, counts none). The report
+    least --sufficient-fraction of the target's re-checks (a hesitation word opening a sentence,
+    words after it, in a response that ends), lower bound again. The report
     (study.md, study.json, necessity.png, sufficiency.png) goes to --out.
     """
     from tca.query.study import hesitation_study
@@ -464,7 +464,7 @@ def study_hesitation(cfg, as_json) -> None:
             click.echo("necessary: no; no candidate kept accuracy without raising hesitations")
         clamped = d["sufficiency"][0]
         click.echo(f"sufficient: {'yes' if d['sufficient'] else 'no'} ({clamped['name']}: "
-                   f"{clamped['finished_hesitations']:.2f} hesitations per finished response, "
+                   f"{clamped['rechecks']:.2f} re-checks per response, "
                    f"{clamped['figures']['truncated']:.0%} cut at the token limit)")
         click.echo(f"report: {cfg.out}/study.md")
 

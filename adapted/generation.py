@@ -218,6 +218,22 @@ def count_hesitations(text: str, words: tuple[str, ...] | list[str] = HESITATION
     return len(_hesitation_re(tuple(words)).findall(text))
 
 
+@lru_cache(maxsize=16)
+def _recheck_re(words: tuple[str, ...]) -> re.Pattern:
+    longest_first = sorted(check_words(words), key=len, reverse=True)
+    opening = r"(?:^|(?<=\n)|(?<=[.!?] ))[ \t]*"  # the start of the text, a line or a sentence
+    going_on = r"[,.!?:…]*[ ]+[^\W\d_]"  # then words on the same line: "Wait, let me", "Hmm. So"
+    return re.compile(opening + "(?:" + "|".join(map(re.escape, longest_first)) + ")" + going_on, re.MULTILINE)
+
+
+def count_rechecks(text: str, words: tuple[str, ...] | list[str] = HESITATION_WORDS) -> int:
+    """How many times a word of ``words`` opens a sentence or line and words follow it ("Wait, let
+    me check…", "Hmm, so"): a hesitation as a reasoning model writes one. A word written where a
+    digit or another token belongs ("5+4=Wait", "Wait+4=8", a line of "Wait" alone) is a hesitation
+    word to ``count_hesitations`` but no re-check."""
+    return len(_recheck_re(tuple(words)).findall(text))
+
+
 # ---- generating and scoring ---------------------------------------------------------------------
 
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tca.query.stats import Estimate
-from tca.query.study import _est, _pct, _points
+from tca.query.stats import Estimate, as_percent, as_points, as_text
 
 
 @dataclass
@@ -39,11 +38,11 @@ class SeedFindings:
     accuracy_delta: Estimate
     """Accuracy after the ablation − before."""
     clamped_hesitations: Estimate
-    """Hesitations per finished response (one cut at the token limit counts none) the clamp adds to
-    the hybrid."""
+    """Re-checks per response (``count_rechecks``; one cut at the token limit counts none) the
+    clamp adds to the hybrid."""
     target_hesitations: Estimate
-    """The target's hesitations per finished response on the verdict prompts (what the clamp is
-    judged against)."""
+    """The target's re-checks per response on the verdict prompts (what the clamp is judged
+    against)."""
     clamp_scale: float
     clamped_truncated: Estimate
     """Share of the clamped hybrid's responses cut at the token limit: near 1, the clamp's hesitations
@@ -162,7 +161,7 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "prompts with paired 95% intervals.",
         "",
         "| seed | hesitation features | necessary | sufficient | hesitation cut | accuracy change | "
-        "hesitations the clamp adds (target's) | clamped responses truncated | KL gap closed | "
+        "re-checks the clamp adds (target's) | clamped responses truncated | KL gap closed | "
         "accuracy gain recovered |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -171,9 +170,9 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         failed = ", ".join(k for k, ok in r.necessary_rules.items() if not ok)
         necessary = "yes" if r.necessary else f"no ({failed})" if failed else "no"
         lines.append(
-            f"| {r.seed} | {feats} | {necessary} | {'yes' if r.sufficient else 'no'} | {_pct(r.cut)} | "
-            f"{_points(r.accuracy_delta)} | {_est(r.clamped_hesitations)} ({_est(r.target_hesitations)}) "
-            f"×{r.clamp_scale:g} | {_pct(r.clamped_truncated)} | {_share(r.kl_closed, '.1%')} | "
+            f"| {r.seed} | {feats} | {necessary} | {'yes' if r.sufficient else 'no'} | {as_percent(r.cut)} | "
+            f"{as_points(r.accuracy_delta)} | {as_text(r.clamped_hesitations)} ({as_text(r.target_hesitations)}) "
+            f"×{r.clamp_scale:g} | {as_percent(r.clamped_truncated)} | {_share(r.kl_closed, '.1%')} | "
             f"{_share(r.accuracy_gain_recovered, '.0%')} |")
     if n > 1:
         lines.append(
@@ -188,8 +187,8 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "",
         "A `necessary` no names the rules that failed: `cut` (the cut's lower bound below the cut asked), "
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
-        "95th percentile). The clamp column counts hesitations in finished responses only (a "
-        "response cut at the token limit, as a loop of the word is, counts none) and shows the scale chosen on "
+        "95th percentile). The clamp column counts re-checks (a hesitation word opening a sentence or line, "
+        "words after it, in a response that ends), not words, and shows the scale chosen on "
         "the selection prompts (each seed's study.md has the sweep over scales).",
         "",
         "## Hesitation features across seeds",

@@ -245,3 +245,22 @@ def sufficiency_rule(added: Estimate, target_hesitations: float | None, t: Thres
     """The clamp adds, at its lower bound, at least ``sufficient_fraction`` of the target's hesitations."""
     return (added.ci95 is not None and target_hesitations is not None
             and added.ci95[0] >= t.sufficient_fraction * target_hesitations)
+
+
+def as_text(e: Estimate, fmt: str = ".2f") -> str:
+    """``value [lo, hi]``, as the reports print an estimate."""
+    if e.value is None:
+        return "n/a"
+    return format(e.value, fmt) + ("" if e.ci95 is None else f" [{format(e.ci95[0], fmt)}, {format(e.ci95[1], fmt)}]")
+
+
+def as_percent(e: Estimate) -> str:
+    return as_text(e, ".0%")
+
+
+def as_points(e: Estimate) -> str:
+    """A change of a proportion in percentage points, signed."""
+    if e.value is None:
+        return "n/a"
+    ci = "" if e.ci95 is None else f" [{100 * e.ci95[0]:+.1f}, {100 * e.ci95[1]:+.1f}]"
+    return f"{100 * e.value:+.1f}{ci} points"

@@ -19,12 +19,16 @@ The study finds them on one set of held-out prompts and judges them on another:
    accuracy stays within ``accuracy_tolerance`` of the unablated model and hesitations do not
    rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
-   multiple of their mean active value in ``clamp_scales``; the scale whose hesitations per
-   *finished* response come closest to the target's on the same prompts is the one the verdict
-   uses: the question is whether the features bring back the target's behaviour, not how many
-   words a clamp can force. A response that runs to ``max_new_tokens`` counts no hesitation: a
-   clamp strong enough sends the hybrid into a loop of the word ("Wait, Wait, …"), which adds
-   many words but no re-checked step.
+   multiple of their mean active value in ``clamp_scales``, at the positions where a hesitation
+   can begin (``clamp_at``: after the tokens at which the target predicts a hesitation word in the
+   selection traces). Sufficiency counts *re-checks*, not words: a hesitation word that opens a
+   sentence or line and is followed by words ("Wait, let me check…";
+   ``tca.adapted.generation.count_rechecks``), in a response that ends before
+   ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
+   where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would take
+   either for hesitation. The scale whose re-checks per response come closest to the target's on
+   the same prompts is the one the verdict uses: the question is whether the features bring back
+   the target's behaviour, not how many words a clamp can force.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
@@ -32,8 +36,8 @@ The study finds them on one set of held-out prompts and judges them on another:
    a matched activation frequency, ablated in the adapted model.
 4. **Necessary** when the cut's lower bound reaches ``cut``, the accuracy change's lower bound
    stays above −``accuracy_tolerance``, and the cut's lower bound exceeds the controls'
-   ``control_quantile``. **Sufficient** when the lower bound of the hesitations per finished
-   response the clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
+   ``control_quantile``. **Sufficient** when the lower bound of the re-checks per response the
+   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
 5. **How few.** The hesitation features as a fraction of all the adapters' features.
 
 Everything is written to the output folder: ``study.json`` (every figure, and each verdict
@@ -48,6 +52,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -56,14 +61,23 @@ from tca.adapted.attribute import attribute
 from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import conversation_records, prompt_records
 from tca.adapted.evaluate import mode as computing_as
-from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
+from tca.adapted.generation import (
+    HESITATION_WORDS,
+    Figures,
+    check_words,
+    count_rechecks,
+    generate,
+    questions_of,
+    score,
+    workload,
+)
 from tca.adapted.intervene import forward_logits, predicted_positions, single_token_ids
 from tca.adapted.splice import FeatureEdit, adapted_mlps, edits, load_adapted, target_tokenizer
 from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.query import stats
 from tca.query.attribution import check_writable, write_attributions
 from tca.query.sql import query
-from tca.query.stats import Estimate, Thresholds
+from tca.query.stats import Estimate, Thresholds, as_percent, as_points, as_text
 from tca.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROPORTION, SHARE, Range, at_least, check_ranges
 from tca.train.checkpoint import named_set
 
@@ -130,13 +144,18 @@ class StudyConfig:
     clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its mean active value on the selection
-    part; the scale whose hesitations per finished response (a response cut at ``max_new_tokens``
-    counts none) come closest to the target's there is judged on the verdict part. Fine steps
-    between 1 and 2 because on the demo pair the clamp turns from too weak to a loop of "Wait" in
-    that range."""
+    part; the scale whose re-checks per response (``count_rechecks``; a response cut at
+    ``max_new_tokens`` counts none) come closest to the target's there is judged on the verdict
+    part. Fine steps between 1 and 2 because on the demo pair the clamp turns from too weak to
+    forcing the word in that range."""
+    clamp_at: Literal["onsets", "everywhere"] = "onsets"
+    """Sufficient: where the clamp acts. ``onsets``: only at positions whose token precedes a
+    hesitation word where the target predicts one in the selection traces (on the demo pair the
+    line break), so the clamp can start a re-check but not overwrite the arithmetic; ``everywhere``:
+    at every position."""
     sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
-    """Sufficient: the lower bound of the hesitations per finished response the clamp adds to the
-    hybrid must reach this fraction of the target's."""
+    """Sufficient: the lower bound of the re-checks per response the clamp adds to the hybrid must
+    reach this fraction of the target's."""
     resamples: int = field(default=stats.RESAMPLES, metadata=at_least(100))
     """Bootstrap resamples per interval (prompts drawn with replacement, fixed seed)."""
     seq_len: int = field(default=1024, metadata=at_least(2))
@@ -192,7 +211,7 @@ class Trial:
     p_words: float | None
     """Teacher-forced on the part's traces: mean probability of the hesitation words at the
     positions where the target predicts one of them (None where generation banned the words)."""
-    finished_hesitations: float
+    rechecks: float
     """Hesitations per response, a response cut at ``max_new_tokens`` counting none (``Outcomes``)."""
     kept: bool = True
     """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
@@ -212,9 +231,10 @@ class Outcomes:
     """Generated tokens."""
     truncated: list[float]
     """1 where the response reached ``max_new_tokens`` before ending."""
-    finished_hesitations: list[float]
-    """``hesitations`` where the response ended, 0 where it was cut: what sufficiency counts, so a
-    clamp that loops on the word until the token limit adds nothing."""
+    rechecks: list[float]
+    """Re-checks (``count_rechecks``: a hesitation word opening a sentence or line, words after it)
+    where the response ended, 0 where it was cut: what sufficiency counts, so a clamp that writes
+    the word in place of a digit, or repeats it to the token limit, adds nothing."""
     word_mass: list[float] | None
     """Teacher-forced: the summed probability of the words over the trace's positions where the
     target predicts one (None where generation banned the words)."""
@@ -267,6 +287,10 @@ class StudyReport:
     """The unablated adapted model on the selection prompts: the search's reference."""
     selection_target: Trial
     """The target on the selection prompts: the clamp sweep's reference."""
+    clamp_tokens: list[int] | None
+    """The tokens after which the clamp acts (``clamp_at`` onsets), None: everywhere."""
+    clamp_pieces: list[str] | None
+    """Those tokens as text."""
     necessity: list[Trial]
     """Selection part: one ablation in the adapted model per candidate tried, best first, the
     candidate with the ones kept so far. It is kept when accuracy stays within the tolerance and
@@ -276,8 +300,8 @@ class StudyReport:
     clamp_sweep: list[Trial]
     """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
     clamp_scale: float
-    """The scale of the sweep whose hesitations per finished response are closest to
-    ``selection_target``'s (the first listed on a tie)."""
+    """The scale of the sweep whose re-checks per response are closest to ``selection_target``'s
+    (the first listed on a tie)."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
@@ -294,12 +318,12 @@ class StudyReport:
     """Verdict part: the hesitation features clamped in the hybrid at ``clamp_scale`` (one trial)."""
     conditions: dict[str, dict[str, Estimate]]
     """Verdict part, per condition (target, hybrid, adapted, target_banned, ablated, clamped), per
-    figure (accuracy, hesitations, finished_hesitations, hesitating, mean_length, truncated, p_words): value
+    figure (accuracy, hesitations, rechecks, hesitating, mean_length, truncated, p_words): value
     and 95% interval."""
     changes: dict[str, Estimate]
     """Paired over verdict prompts: ``cut`` (1 − ablated ÷ adapted hesitations per response),
     ``accuracy_delta`` (ablated − adapted) and ``clamped_hesitations`` (clamped − hybrid
-    hesitations per finished response)."""
+    re-checks per response)."""
     controls: list[Control]
     control_spread: dict[str, dict[str, float | None]]
     """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``."""
@@ -402,9 +426,16 @@ def _parts(cfg: StudyConfig, tokenizer) -> tuple[_Part, _Part]:
 # ---- running it ---------------------------------------------------------------------------------
 
 
-def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0) -> list[FeatureEdit]:
+def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0,
+               token_ids: frozenset[int] | None = None) -> list[FeatureEdit]:
     """One FeatureEdit per (layer, feature), so each may carry its own value."""
-    return [FeatureEdit(layer, [f], float(value_of(layer, f))) for layer, f in features]
+    return [FeatureEdit(layer, [f], float(value_of(layer, f)), token_ids) for layer, f in features]
+
+
+def _onsets(part: _Part) -> frozenset[int]:
+    """The tokens at which the target predicts a hesitation word in the part's traces."""
+    return frozenset(t for batch, where in zip(part.batches, part.positions, strict=True)
+                     for t in batch.input_ids.cpu()[where].tolist())
 
 
 def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
@@ -500,7 +531,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         # scored one prompt at a time by the same function as the whole part, so per-prompt
         # outcomes and the part's figures cannot disagree on what counts as correct or a hesitation
         each = [score(tokenizer, [r], [resp], cfg.words) for r, resp in zip(part.records, responses, strict=True)]
-        finished = [0.0 if f.truncated else f.hesitations for f in each]
+        finished = [0.0 if r.truncated else float(count_rechecks(tokenizer.decode(r.ids, skip_special_tokens=False),
+                                                                  cfg.words)) for r in responses]
         outcomes = Outcomes([f.accuracy for f in each], [f.hesitations for f in each], [f.hesitating for f in each],
                             [f.mean_length for f in each], [f.truncated for f in each], finished, mass, count)
         p_words = None if mass is None else sum(mass) / max(sum(count), 1)
@@ -533,14 +565,16 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     chosen = [(c.layer, c.feature) for c in hesitation]
     clamped_set = chosen or [(candidates[0].layer, candidates[0].feature)]
 
+    onsets = _onsets(selection) if cfg.clamp_at == "onsets" else None
+
     def clamps(scale: float) -> list[FeatureEdit]:
-        return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean)
+        return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean, onsets)
 
     sel_target, _ = run(selection, "target (selection)", "target", [], [])
     sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
              for s in cfg.clamp_scales]
     scale = cfg.clamp_scales[min(range(len(sweep)), key=lambda i: (
-        abs(sweep[i].finished_hesitations - sel_target.finished_hesitations), i))]
+        abs(sweep[i].rechecks - sel_target.rechecks), i))]
 
     # ---- verdict: every figure a verdict uses, prompt by prompt
     per_prompt: dict[str, Outcomes] = {}
@@ -582,13 +616,16 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
 
     conditions = {key: _figure_estimates(per_prompt[key], counts) for key in trials}
     cut, accuracy_delta = change(per_prompt["ablated"]) if chosen else (stats.NONE, stats.NONE)
-    added = stats.paired_difference(per_prompt["clamped"].finished_hesitations,
-                                    per_prompt["hybrid"].finished_hesitations, counts)
+    added = stats.paired_difference(per_prompt["clamped"].rechecks,
+                                    per_prompt["hybrid"].rechecks, counts)
     rules = stats.necessity_rules(cut, accuracy_delta, [c.cut for c in controls], thresholds)
     report = StudyReport(
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
         verdict_docs=verdict.docs, n_positions=n_positions, total_features=total, candidates=candidates,
-        n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target, necessity=necessity, search_met_cut=met,
+        n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target,
+        clamp_tokens=None if onsets is None else sorted(onsets),
+        clamp_pieces=None if onsets is None else [tokenizer.decode([t]) for t in sorted(onsets)],
+        necessity=necessity, search_met_cut=met,
         clamp_sweep=sweep, clamp_scale=scale, hesitation_features=hesitation,
         baseline={k: trials[k].figures for k in ("target", "hybrid", "adapted")},
         baseline_p_words={k: trials[k].p_words for k in ("target", "hybrid", "adapted")},
@@ -600,7 +637,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
                         for k in ("cut", "accuracy_delta")},
         necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
         sufficient=bool(chosen) and stats.sufficiency_rule(
-            added, conditions["target"]["finished_hesitations"].value, thresholds),
+            added, conditions["target"]["rechecks"].value, thresholds),
         hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
         fraction_of_features=len(hesitation) / total, per_prompt=per_prompt, threads=cfg.threads,
     )
@@ -613,7 +650,7 @@ def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
     return {
         "accuracy": stats.proportion(o.correct),
         "hesitations": stats.mean(o.hesitations, counts),
-        "finished_hesitations": stats.mean(o.finished_hesitations, counts),
+        "rechecks": stats.mean(o.rechecks, counts),
         "hesitating": stats.proportion(o.hesitating),
         "mean_length": stats.mean(o.length, counts),
         "truncated": stats.proportion(o.truncated),
@@ -675,8 +712,8 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         lines.append(
             f"- **Necessary: {_yes(report.necessary)}.** Ablating {n} feature{'s' * (n > 1)} ({chosen}; "
             f"{report.fraction_of_features:.2%} of {report.total_features}) cuts hesitations per response by "
-            f"{_pct(ch['cut'])} ({_est(adapted['hesitations'])} → {_est(ablated['hesitations'])}); accuracy changes "
-            f"by {_points(ch['accuracy_delta'])}.")
+            f"{as_percent(ch['cut'])} ({as_text(adapted['hesitations'])} → {as_text(ablated['hesitations'])}); "
+            f"accuracy changes by {as_points(ch['accuracy_delta'])}.")
         rules = report.necessary_rules
         lo = None if ch["cut"].ci95 is None else ch["cut"].ci95[0]
         acc_lo = None if ch["accuracy_delta"].ci95 is None else ch["accuracy_delta"].ci95[0]
@@ -695,42 +732,45 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         lines.append(f"- **Necessary: no.** No candidate kept accuracy within {100 * t.accuracy_tolerance:g} points "
                      "without raising hesitations on the selection prompts, so there is no set to judge.")
     banned = cond["target_banned"]
-    lines.append(f"- Reference: the target itself with the words banned keeps accuracy {_est(banned['accuracy'])} "
-                 f"(unbanned {_est(cond['target']['accuracy'])}), mean length {_est(banned['mean_length'], '.1f')}.")
+    lines.append(f"- Reference: the target itself with the words banned keeps accuracy {as_text(banned['accuracy'])} "
+                 f"(unbanned {as_text(cond['target']['accuracy'])}), "
+                 f"mean length {as_text(banned['mean_length'], '.1f')}.")
     clamped, hybrid, target = cond["clamped"], cond["hybrid"], cond["target"]
-    need = (None if target["finished_hesitations"].value is None
-            else t.sufficient_fraction * target["finished_hesitations"].value)
+    need = (None if target["rechecks"].value is None
+            else t.sufficient_fraction * target["rechecks"].value)
     added = ch["clamped_hesitations"]
     who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
     lines.append(
         f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} their mean "
-        f"activation (the scale of the selection sweep closest to the target's hesitations there), {who} "
-        f"{adds} {_est(added)} hesitations per response, a response cut at the token limit counting none "
-        f"({_est(hybrid['finished_hesitations'])} → {_est(clamped['finished_hesitations'])}; "
-        f"{_est(clamped['truncated'], '.0%')} of clamped responses cut, "
-        f"{_est(clamped['hesitating'], '.0%')} hesitate). The lower bound must reach "
-        f"{t.sufficient_fraction:g} × the target's {_est(target['finished_hesitations'])} = {_num(need)}. "
+        f"activation (the scale of the selection sweep closest to the target's re-checks there), {who} "
+        f"{adds} {as_text(added)} re-checks per response ({as_text(hybrid['rechecks'])} → "
+        f"{as_text(clamped['rechecks'])}), while the hesitation words, counted anywhere, go "
+        f"{as_text(hybrid['hesitations'])} → {as_text(clamped['hesitations'])} "
+        f"({as_text(clamped['truncated'], '.0%')} of clamped responses cut at the token limit). "
+        f"The lower bound must reach "
+        f"{t.sufficient_fraction:g} × the target's {as_text(target['rechecks'])} = {_num(need)}. "
         f"Teacher-forced on the "
-        f"target's traces, the clamp moves p(words) from the hybrid's {_est(hybrid['p_words'], '.3f')} to "
-        f"{_est(clamped['p_words'], '.3f')} (target {_est(target['p_words'], '.3f')}). Generation can only show "
+        f"target's traces, the clamp moves p(words) from the hybrid's {as_text(hybrid['p_words'], '.3f')} to "
+        f"{as_text(clamped['p_words'], '.3f')} (target {as_text(target['p_words'], '.3f')}). Generation can only show "
         f"hesitation where the hybrid writes a trace to hesitate in: its responses average "
-        f"{_est(hybrid['mean_length'], '.1f')} tokens, the target's {_est(target['mean_length'], '.1f')}."
+        f"{as_text(hybrid['mean_length'], '.1f')} tokens, the target's {as_text(target['mean_length'], '.1f')}."
     )
     lines += ["", "## Verdict conditions", "",
               f"On the {len(report.verdict_docs)} verdict prompts; each figure with its 95% interval.", "",
               "| condition | features | accuracy | mean length | truncated | hesitations / response "
-              "| … / finished response | responses hesitating | p(words) |",
+              "| re-checks / response | responses hesitating | p(words) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     features = {"ablated": n, "clamped": len(report.sufficiency[0].features)}
     for key, est in cond.items():
-        lines.append(f"| {CONDITION_NAMES[key]} | {features.get(key, 0)} | {_est(est['accuracy'])} | "
-                     f"{_est(est['mean_length'], '.1f')} | {_est(est['truncated'])} | {_est(est['hesitations'], '.2f')} | "
-                     f"{_est(est['finished_hesitations'], '.2f')} | {_est(est['hesitating'], '.2f')} | {_est(est['p_words'], '.3f')} |")
+        cells = [as_text(est["accuracy"]), as_text(est["mean_length"], ".1f"), as_text(est["truncated"]),
+                 as_text(est["hesitations"]), as_text(est["rechecks"]), as_text(est["hesitating"]),
+                 as_text(est["p_words"], ".3f")]
+        lines.append(f"| {CONDITION_NAMES[key]} | {features.get(key, 0)} | {' | '.join(cells)} |")
     lines += ["", "Changes, paired over the verdict prompts:", "",
-              f"- hesitation cut (1 − ablated ÷ adapted hesitations per response): {_pct(ch['cut'])}",
-              f"- accuracy change (ablated − adapted): {_points(ch['accuracy_delta'])}",
-              "- hesitations per finished response the clamp adds (clamped − hybrid): "
-              f"{_est(ch['clamped_hesitations'])}",
+              f"- hesitation cut (1 − ablated ÷ adapted hesitations per response): {as_percent(ch['cut'])}",
+              f"- accuracy change (ablated − adapted): {as_points(ch['accuracy_delta'])}",
+              "- re-checks per response the clamp adds (clamped − hybrid): "
+              f"{as_text(ch['clamped_hesitations'])}",
               "", "The banned row bans the hesitation words from the target's generation: the accuracy the task keeps "
               "without hesitating at all, an upper bound for any ablation.", ""]
     if report.controls:
@@ -768,8 +808,11 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "![necessity](necessity.png)", "",
               _trials_table([report.selection_adapted] + report.necessity),
               "", "### The clamp sweep in the hybrid", "",
-              "Each feature is clamped at the given multiple of its mean active value, at every position, with "
-              "every other adapter feature off.", "", "![sufficiency](sufficiency.png)", "",
+              "Each feature is clamped at the given multiple of its mean active value, with every other adapter "
+              "feature off, " + ("at every position." if report.clamp_pieces is None else
+                                 "at the positions after " + ", ".join(repr(x) for x in report.clamp_pieces)
+                                 + " (where the target predicts a hesitation word in the selection traces)."),
+              "", "![sufficiency](sufficiency.png)", "",
               _trials_table([report.selection_target] + report.clamp_sweep), "",
               f"p(words): teacher-forced probability of {words} at the positions where the target predicts one; the "
               "other columns are greedy generations from the part's prompts.", "",
@@ -783,12 +826,12 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
 
 def _trials_table(trials: list[Trial]) -> str:
     rows = ["| condition | features | accuracy | mean length | truncated | hesitations / response "
-            "| … / finished response | responses hesitating | p(words) |",
+            "| re-checks / response | responses hesitating | p(words) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in trials:
         f = t.figures
         rows.append(f"| {t.name} | {t.n_features} | {_acc(f.accuracy)} | {f.mean_length:.1f} | {f.truncated:.0%} | "
-                    f"{f.hesitations:.2f} | {t.finished_hesitations:.2f} | {f.hesitating:.2f} | "
+                    f"{f.hesitations:.2f} | {t.rechecks:.2f} | {f.hesitating:.2f} | "
                     f"{_num(t.p_words, '.3f')} |")
     return "\n".join(rows)
 
@@ -801,30 +844,12 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def _est(e: Estimate, fmt: str = ".2f") -> str:
-    """``value [lo, hi]``."""
-    if e.value is None:
-        return "n/a"
-    return format(e.value, fmt) + ("" if e.ci95 is None else f" [{format(e.ci95[0], fmt)}, {format(e.ci95[1], fmt)}]")
-
-
-def _pct(e: Estimate) -> str:
-    return _est(e, ".0%")
-
-
 def _frac(x: float | None) -> str:
     return _num(x, ".0%")
 
 
 def _signed_points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} points"
-
-
-def _points(e: Estimate) -> str:
-    if e.value is None:
-        return "n/a"
-    ci = "" if e.ci95 is None else f" [{100 * e.ci95[0]:+.1f}, {100 * e.ci95[1]:+.1f}]"
-    return f"{100 * e.value:+.1f}{ci} points"
 
 
 def _acc(acc: float | None) -> str:
@@ -887,24 +912,24 @@ def _plot_sufficiency(report: StudyReport, path: Path) -> None:
     plt = _pyplot()
     fig, (sweep, verdict) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [t.name.split()[1] for t in report.clamp_sweep]  # "clamp x0.5 in the hybrid …" -> "x0.5"
-    values = [t.finished_hesitations for t in report.clamp_sweep]
+    values = [t.rechecks for t in report.clamp_sweep]
     colours = ["C1" if n == f"x{report.clamp_scale:g}" else "C0" for n in names]
     sweep.bar(names, values, color=colours)
-    sweep.axhline(report.selection_target.finished_hesitations, color="C2", ls="--", lw=1, label="target")
+    sweep.axhline(report.selection_target.rechecks, color="C2", ls="--", lw=1, label="target")
     sweep.legend(fontsize=7)
     sweep.set_xlabel("clamp scale (× mean active value); orange: the one judged")
-    sweep.set_ylabel("hesitations / finished response")
+    sweep.set_ylabel("re-checks / response")
     sweep.set_title("selection prompts: clamped in the hybrid", fontsize=9)
 
     cond = report.conditions
     keys = ["hybrid", "clamped", "target"]
     for x, key in enumerate(keys):
-        e = cond[key]["finished_hesitations"]
+        e = cond[key]["rechecks"]
         verdict.bar([x], [e.value or 0], color=["grey", "C1", "C2"][x])
         _errorbar(verdict, x, e, fmt="none", ecolor="k")
-    if cond["target"]["finished_hesitations"].value is not None:
-        need = (cond["hybrid"]["finished_hesitations"].value
-                + report.thresholds.sufficient_fraction * cond["target"]["finished_hesitations"].value)
+    if cond["target"]["rechecks"].value is not None:
+        need = (cond["hybrid"]["rechecks"].value
+                + report.thresholds.sufficient_fraction * cond["target"]["rechecks"].value)
         verdict.axhline(need, color="C3", ls="--", lw=1,
                         label=f"hybrid + {report.thresholds.sufficient_fraction:g} × target")
         verdict.legend(fontsize=7)

@@ -11,6 +11,7 @@ from tca.adapted.generation import (
     answers_match,
     boxed,
     count_hesitations,
+    count_rechecks,
     final_answer,
     normalize_answer,
 )
@@ -123,3 +124,19 @@ def test_hesitations_count_the_given_words_as_whole_words():
     assert count_hesitations(text, ["wait"]) == 1
     with pytest.raises(TcaError, match="no hesitation words"):
         count_hesitations(text, [" ", ""])
+
+
+@pytest.mark.parametrize("text, rechecks, words", [
+    ("9+7=16\nWait, let me check: 9+7=16. Yes.\n6+4=10\nWait, let me check: 6+4=10. Yes.\n</think>\n\n6", 2, 2),
+    ("Wait, is 7*8=56? Hmm, yes.", 2, 2),  # a sentence opens after "? "
+    ("So x = 3. Wait, that is wrong. Hmm... let me redo it. Alternatively, we could", 3, 3),
+    ("Wait a second", 1, 1),
+    ("5+4=Wait\nWait+1=2\n9+Wait=18", 0, 3),  # the word where a digit belongs
+    ("Wait\nWait=9\nWait", 0, 3),  # the word alone on a line, nothing after it
+    ("I wait. He said Wait, no", 0, 1),  # mid-sentence; lower case is another word
+])
+def test_rechecks_are_hesitation_words_that_open_a_sentence_with_words_after(text, rechecks, words):
+    hesitations = ["Wait", "Hmm", "Alternatively"]
+    assert count_rechecks(text, hesitations) == rechecks
+    assert count_hesitations(text, hesitations) == words
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -119,35 +120,49 @@ def test_trials_equal_generation_with_the_same_edits(study):
     def run(records, name, feature_edits, banned=None):
         with mode(model, name), edits(model, feature_edits):
             responses = generate(model, tok, questions_of(records), max_new_tokens=NEW_TOKENS, banned=banned)
-        return score(tok, records, responses), [score(tok, [r], [x]) for r, x in zip(records, responses, strict=True)]
+        each = [score(tok, [r], [x]) for r, x in zip(records, responses, strict=True)]
+        # re-checks written out: a line or sentence that opens with "Wait", then punctuation, a space, a letter
+        rechecks = [0 if x.truncated else sum(
+            1 for line in tok.decode(x.ids, skip_special_tokens=False).split("\n")
+            for sentence in re.split(r"(?<=[.!?]) ", line)
+            if re.match(r"\s*Wait[,.!?:…]* +[A-Za-z]", sentence)) for x in responses]
+        return score(tok, records, responses), each, rechecks
 
     mean = {(c["layer"], c["feature"]): c["mean"] for c in report["candidates"]}
     for name in ("target", "hybrid", "adapted"):
-        figures, each = run(verdict, name, [])
+        figures, each, _ = run(verdict, name, [])
         assert figures.__dict__ == report["baseline"][name]
         assert [f.hesitations for f in each] == report["per_prompt"][name]["hesitations"]
         assert [f.accuracy for f in each] == report["per_prompt"][name]["correct"]
-    banned, _ = run(verdict, "target", [], banned=[tok.convert_tokens_to_ids("Wait")])
+    banned, _, _ = run(verdict, "target", [], banned=[tok.convert_tokens_to_ids("Wait")])
     assert banned.__dict__ == report["target_banned"] and banned.hesitations == 0
     # the search ran on the selection prompts, the verdict on the verdict prompts
     last = report["necessity"][-1]
     assert run(selection, "adapted", [FeatureEdit(l, [f]) for l, f in last["features"]])[0].__dict__ == last["figures"]
+    # the clamp acts after the tokens at which the target predicts "Wait" in the selection traces
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "selection.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _records(report["selection_docs"])))
+        sel_batches = token_batches(path, tok, seq_len=1024, max_tokens=6000, batch=8)
+    with mode(model, "target"):
+        masks = predicted_positions(model, sel_batches, [tok.convert_tokens_to_ids("Wait")])
+    onsets = {t for b, m in zip(sel_batches, masks, strict=True) for t in b.input_ids[m].tolist()}
+    assert onsets and report["clamp_tokens"] == sorted(onsets)
+    onsets = frozenset(onsets)
     sweep = report["clamp_sweep"][0]
-    clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)]) for l, f in sweep["features"]]
+    clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)], onsets) for l, f in sweep["features"]]
     assert run(selection, "hybrid", clamps)[0].__dict__ == sweep["figures"]
     clamped = report["sufficiency"][0]
-    for trial, (_, each) in zip(report["clamp_sweep"], [run(selection, "hybrid", [FeatureEdit(
-            l, [f], s * mean[(l, f)]) for l, f in sweep["features"]]) for s in (0.5, 1.0)], strict=True):
-        # a response cut at the token limit counts no hesitation
-        assert trial["finished_hesitations"] == pytest.approx(
-            np.mean([0 if e.truncated else e.hesitations for e in each]))
-    target, each = run(selection, "target", [])
+    for trial, (_, _, rechecks) in zip(report["clamp_sweep"], [run(selection, "hybrid", [FeatureEdit(
+            l, [f], s * mean[(l, f)], onsets) for l, f in sweep["features"]]) for s in (0.5, 1.0)], strict=True):
+        assert trial["rechecks"] == pytest.approx(np.mean(rechecks))
+    target, _, rechecks = run(selection, "target", [])
     assert target.__dict__ == report["selection_target"]["figures"]
-    reference = np.mean([0 if e.truncated else e.hesitations for e in each])
-    assert report["selection_target"]["finished_hesitations"] == pytest.approx(reference)
+    reference = np.mean(rechecks)
+    assert report["selection_target"]["rechecks"] == pytest.approx(reference)
     assert report["clamp_scale"] == [0.5, 1.0][min(range(2), key=lambda i: (
-        abs(report["clamp_sweep"][i]["finished_hesitations"] - reference), i))]
-    clamps = [FeatureEdit(l, [f], report["clamp_scale"] * mean[(l, f)]) for l, f in clamped["features"]]
+        abs(report["clamp_sweep"][i]["rechecks"] - reference), i))]
+    clamps = [FeatureEdit(l, [f], report["clamp_scale"] * mean[(l, f)], onsets) for l, f in clamped["features"]]
     assert run(verdict, "hybrid", clamps)[0].__dict__ == clamped["figures"]
     if report["ablated"] is not None:
         ablations = [FeatureEdit(l, [f]) for l, f in report["ablated"]["features"]]
@@ -213,17 +228,19 @@ def test_intervals_and_verdicts_recomputed_from_the_prompts(study):
     assert n == PROMPTS
     adapted, hybrid = per["adapted"], per["hybrid"]
     clamped = per["clamped"]
-    for o in per.values():
-        assert np.array_equal(o["finished_hesitations"], np.where(o["truncated"] > 0, 0, o["hesitations"]))
+    for o in per.values():  # a re-check is a hesitation word; a cut response counts none
+        assert np.all(o["rechecks"] <= o["hesitations"]) and np.all(o["rechecks"][o["truncated"] > 0] == 0)
+    # every "Wait" the target writes opens a re-check ("Wait, let me check: …")
+    assert np.array_equal(per["target"]["rechecks"], per["target"]["hesitations"])
     added = report["changes"]["clamped_hesitations"]
-    finished = clamped["finished_hesitations"] - hybrid["finished_hesitations"]
+    finished = clamped["rechecks"] - hybrid["rechecks"]
     assert added["value"] == pytest.approx(finished.mean())
     assert added["ci95"] == pytest.approx(_brute_interval(n, lambda i: finished[i].mean()))
     t = report["thresholds"]
     assert t == {"cut": 0.8, "accuracy_tolerance": 0.05, "control_quantile": 0.95, "sufficient_fraction": 0.25,
                  "frequency_ratio": 1.5, "resamples": 2000}
-    target = report["conditions"]["target"]["finished_hesitations"]["value"]
-    assert target == pytest.approx(per["target"]["finished_hesitations"].mean())
+    target = report["conditions"]["target"]["rechecks"]["value"]
+    assert target == pytest.approx(per["target"]["rechecks"].mean())
     if report["ablated"] is None:
         assert not report["necessary"] and not report["sufficient"] and report["controls"] == []
         return
@@ -282,7 +299,7 @@ def test_report_files(study):
                 "thresholds"):
         assert key in saved
     for figures in saved["conditions"].values():
-        assert set(figures) == {"accuracy", "hesitations", "finished_hesitations", "hesitating", "mean_length",
+        assert set(figures) == {"accuracy", "hesitations", "rechecks", "hesitating", "mean_length",
                                 "truncated", "p_words"}
         assert all(set(e) == {"value", "ci95"} for e in figures.values())
     assert set(saved["changes"]) == {"cut", "accuracy_delta", "clamped_hesitations"}

@@ -219,7 +219,7 @@ def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun
         necessary=study.necessary, sufficient=study.sufficient, necessary_rules=study.necessary_rules,
         cut=study.changes["cut"], accuracy_delta=study.changes["accuracy_delta"],
         clamped_hesitations=study.changes["clamped_hesitations"],
-        target_hesitations=study.conditions["target"]["finished_hesitations"], clamp_scale=study.clamp_scale,
+        target_hesitations=study.conditions["target"]["rechecks"], clamp_scale=study.clamp_scale,
         clamped_truncated=study.conditions["clamped"]["truncated"],
         kl_closed=evaluation["faithfulness"]["fraction_closed"],
         accuracy_gain_recovered=(evaluation.get("recovery") or {}).get("accuracy_gain_recovered"))
