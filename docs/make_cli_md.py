@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from tca.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
+"""The checkout: defaults inside it (the shipped demo pair) are shown relative to it, so the page
+does not depend on where it was generated."""
+
 
 def render(cmd: click.Command, path: list[str], out: list[str]) -> None:
     ctx = click.Context(cmd, info_name=" ".join(path))
-    out += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx), "```", ""]
+    out += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx).replace(f"{ROOT}/", ""), "```", ""]
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.commands):
             render(cmd.commands[name], path + [name], out)
