@@ -96,16 +96,18 @@ def reported_unchanged(summary: dict, layer: int) -> bool | None:
     return any(bool(m["layers"].get(str(layer), {}).get("unchanged")) for m in summary["members"].values())
 
 
-def train_point(store: Path, out: Path, features: int, skip: list[int], layers: list[int]) -> tuple[dict, bool]:
-    """Train at the defaults; (summary, whether the unchanged layers crashed and were dropped)."""
+def train_point(store: Path, out: Path, features: int, skip: list[int], layers: list[int],
+                l1: float | None = None) -> tuple[dict, bool]:
+    """Train at the defaults (or at ``l1``); (summary, whether the unchanged layers crashed and were dropped)."""
+    penalty = {} if l1 is None else {"l1": [l1]}
     try:
-        return train(TrainConfig(str(store), str(out), layers="all", features=features)), False
+        return train(TrainConfig(str(store), str(out), layers="all", features=features, **penalty)), False
     except ZeroDivisionError:
         kept = ",".join(str(layer) for layer in layers if layer not in skip)
-        return train(TrainConfig(str(store), str(out) + "-retry", layers=kept, features=features)), True
+        return train(TrainConfig(str(store), str(out) + "-retry", layers=kept, features=features, **penalty)), True
 
 
-def run_point(settings: dict, work: Path) -> dict:
+def run_point(settings: dict, work: Path, l1: float | None = None) -> dict:
     s = settings
     n, seed = s["n"], s["seed"]
     features_tokens, freqs = token_plan(n, s["frequency"], s["co_fire"])
@@ -129,7 +131,7 @@ def run_point(settings: dict, work: Path) -> dict:
     unchanged, noise = truth.layers("unchanged"), truth.layers("noise")
     width = s["width"] * n
     t0 = time.perf_counter()
-    summary, crashed = train_point(work / "store", work / "run", width, unchanged, list(range(shape.layers)))
+    summary, crashed = train_point(work / "store", work / "run", width, unchanged, list(range(shape.layers)), l1)
     seconds["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -229,6 +231,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print a markdown table after the JSON lines")
     ap.add_argument("--points", help="comma list of point ids to run (default: all)")
     ap.add_argument("--keep", type=Path, help="keep each point's pair, store and run under this folder")
+    ap.add_argument("--l1", type=float, help="train at this sparsity coefficient instead of the default "
+                    "(to map the trade-off on the tune grid; the held-out grid reports the defaults)")
     args = ap.parse_args()
     grid = json.loads(args.grid.read_text())
     wanted = set(args.points.split(",")) if args.points else None
@@ -242,8 +246,8 @@ def main() -> None:
             work = root / f"{grid['name']}-{point['id']}"
             work.mkdir(parents=True)
             t0 = time.perf_counter()
-            record = {"bench": "groundtruth", "grid": grid["name"], "point": point["id"], **settings,
-                      **run_point(settings, work)}
+            record = {"bench": "groundtruth", "grid": grid["name"], "point": point["id"], "l1": args.l1, **settings,
+                      **run_point(settings, work, args.l1)}
             record["seconds"]["total"] = time.perf_counter() - t0
             emit(**record)
             records.append(record)
