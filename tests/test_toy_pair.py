@@ -1,4 +1,5 @@
-"""The demo pair: its data, its recipe, and the shipped models' measured behaviour."""
+"""The toy pairs (the demo pair and the product pair): their data, their recipe, and the shipped
+models' measured behaviour."""
 
 from __future__ import annotations
 
@@ -214,14 +215,16 @@ def test_hybrid_takes_exactly_the_base_mlps(tiny_pair):
 # --- the shipped pair -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    if not (DEMO_PAIR / "reasoning" / "model.safetensors").exists():
-        pytest.fail(f"the demo pair is missing from {DEMO_PAIR}; run `tca build-pair --out {DEMO_PAIR}`")
-    tok = AutoTokenizer.from_pretrained(DEMO_PAIR / "reasoning")
-    base = AutoModelForCausalLM.from_pretrained(DEMO_PAIR / "base", dtype=torch.float32).eval()
-    reasoning = AutoModelForCausalLM.from_pretrained(DEMO_PAIR / "reasoning", dtype=torch.float32).eval()
-    return tok, base, reasoning
+@pytest.fixture(scope="module", params=[(DEMO_PAIR, "sum"), (PRODUCT_PAIR, "product")], ids=["sum", "product"])
+def shipped(request):
+    """(pair folder, task, tokenizer, base, reasoning) of each shipped pair."""
+    pair, task = request.param
+    if not (pair / "reasoning" / "model.safetensors").exists():
+        pytest.fail(f"the pair is missing from {pair}; run `tca build-pair --task {task} --out {pair}`")
+    tok = AutoTokenizer.from_pretrained(pair / "reasoning")
+    base = AutoModelForCausalLM.from_pretrained(pair / "base", dtype=torch.float32).eval()
+    reasoning = AutoModelForCausalLM.from_pretrained(pair / "reasoning", dtype=torch.float32).eval()
+    return pair, task, tok, base, reasoning
 
 
 @pytest.mark.parametrize("pair, by_hand, domain", [
@@ -244,20 +247,20 @@ def test_shipped_data_follow_the_conversation_schema(pair, by_hand, domain):
 
 @pytest.mark.slow
 def test_shipped_pair_loads_and_its_tokenizer_round_trips(shipped):
-    tok, base, reasoning = shipped
+    pair, task, tok, base, reasoning = shipped
     for name in ("base", "reasoning"):
-        cfg = json.loads((DEMO_PAIR / name / "config.json").read_text())
+        cfg = json.loads((pair / name / "config.json").read_text())
         assert cfg["model_type"] == "qwen2" and cfg["num_hidden_layers"] >= 4 and cfg["hidden_size"] >= 64
     for special in (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE):
         assert special in tok.all_special_tokens or special in tok.get_added_vocab()
-    record = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")[0]
+    record = read_jsonl(pair / "data" / "val.jsonl")[0]
     question, response = (m["value"] for m in record["conversations"])
     text = render_deepseek(question, response)
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text
-    # The builder trained on the ids of the tokenizer it trained in memory (the shipped pair is
-    # the default recipe); what AutoTokenizer loads from the folder must give the same ids.
-    cfg = BuildConfig(out=DEMO_PAIR)
+    # The builder trained on the ids of the tokenizer it trained in memory (each shipped pair is
+    # its task's default recipe); what AutoTokenizer loads from the folder must give the same ids.
+    cfg = BuildConfig(out=pair, task=task)
     pretrain, train, _ = problems_of(cfg)
     trained = tokenizer_of(cfg, pretrain, train)
     samples = [text] + [render_deepseek(p.question, short_answer(p)) for p in pretrain[:50]]
@@ -275,10 +278,10 @@ def test_shipped_pair_loads_and_its_tokenizer_round_trips(shipped):
 
 @pytest.mark.slow
 def test_shipped_reasoning_answers_better_and_hesitates_where_base_and_hybrid_do_not(shipped):
-    tok, base, reasoning = shipped
-    records = read_jsonl(DEMO_PAIR / "data" / "val.jsonl")[:48]
+    pair, _, tok, base, reasoning = shipped
+    records = read_jsonl(pair / "data" / "val.jsonl")[:48]
     questions = [r["conversations"][0]["value"] for r in records]
-    hybrid = adapted_model(DEMO_PAIR / "reasoning", DEMO_PAIR / "base", None)
+    hybrid = adapted_model(pair / "reasoning", pair / "base", None)
     fig = {
         name: score(tok, records, generate(model, tok, questions, max_new_tokens=200))
         for name, model in (("base", base), ("reasoning", reasoning), ("hybrid", hybrid))
