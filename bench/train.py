@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from tca.cache.store import Store, from_stored
 from tca.toy.synthetic import SyntheticSpec, make_synthetic_store
 from tca.train.adapter import Adapter, AdapterConfig, train_step
@@ -105,12 +106,15 @@ def trainer_ratio(url: str, out: str, features: int, batch: int, steps: int) -> 
     return {"end_to_end_tok_s": end_to_end, "in_memory_tok_s": in_memory, "ratio": end_to_end / in_memory}
 
 
-def dense_reference_step(x, delta, params, opt, l1: float):
-    """The reference's math in plain PyTorch: ReLU, decoder-norm-weighted L1, AdamW."""
+def dense_reference_step(x, delta, params, opt, l1: float, penalty: str = "l1", eps: float = 0.1):
+    """The reference's math in plain PyTorch: ReLU, a decoder-norm-weighted sparsity cost (the
+    paper's L1, or tca's default ``eps * log(1 + a / eps)`` of the weighted activation a), AdamW."""
     W_enc, b_enc, W_dec, b_dec = params
     acts = torch.relu(x @ W_enc + b_enc)
     pred = acts @ W_dec + b_dec
-    loss = (pred - delta).square().sum(-1).mean() + l1 * (acts * W_dec.norm(dim=1)).sum(-1).mean()
+    weighted = acts * W_dec.norm(dim=1)
+    cost = weighted if penalty == "l1" else eps * torch.log1p(weighted / eps)
+    loss = (pred - delta).square().sum(-1).mean() + l1 * cost.sum(-1).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -128,13 +132,14 @@ def fastest_seconds(fns: dict, device: torch.device, reps: int) -> dict[str, flo
     return sys.modules[name].fastest_seconds(fns, device, reps)
 
 
-def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None, device: torch.device = CPU) -> dict:
+def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None, device: torch.device = CPU,
+               penalty: str = "log") -> dict:
     """One ReLU step each way on ``device``, the fastest of ``repeats`` turns; with ``l0``, b_enc is
     set so that about ``l0`` features fire per row, as in a trained adapter (without it, the freshly
     initialised, dense adapter)."""
     g = torch.Generator().manual_seed(0)
     x, delta = torch.randn(batch, d, generator=g).to(device), torch.randn(batch, d, generator=g).to(device)
-    adapter = Adapter(AdapterConfig(d_model=d, n_features=features, l1=0.1), g)
+    adapter = Adapter(AdapterConfig(d_model=d, n_features=features, l1=0.1, penalty=penalty), g)
     with torch.no_grad():
         adapter.W_dec.normal_(0, 0.05, generator=g)
     adapter.to(device)
@@ -150,13 +155,13 @@ def step_ratio(d: int, features: int, batch: int, repeats: int, l0: int | None, 
     def tca_step():
         paths.append(train_step(adapter, opt, x, delta).out.path)
 
-    secs = fastest_seconds({"tca": tca_step, "dense": lambda: dense_reference_step(x, delta, params, ref_opt, 0.1)},
-                           device, repeats)
+    secs = fastest_seconds({"tca": tca_step, "dense": lambda: dense_reference_step(
+        x, delta, params, ref_opt, 0.1, penalty, adapter.cfg.penalty_eps)}, device, repeats)
     with torch.no_grad():
         measured = float((torch.relu(x @ adapter.W_enc + adapter.b_enc) > 0).sum(1).float().mean())
     return {"tca_step_ms": round(secs["tca"] * 1e3, 2), "dense_step_ms": round(secs["dense"] * 1e3, 2),
             "speedup": round(secs["dense"] / secs["tca"], 3), "l0_target": l0, "l0": round(measured, 2),
-            "tca_path": paths[-1], "d": d, "features": features, "batch": batch, "activation": "relu",
+            "tca_path": paths[-1], "d": d, "features": features, "batch": batch, "activation": "relu", "penalty": penalty,
             "device": device.type, "threads": torch.get_num_threads()}
 
 
@@ -171,6 +176,8 @@ def main() -> None:
                     help="7b: only the step figure, at d 3584 and 8192 features (batch 1024 unless --batch is given).")
     ap.add_argument("--repeats", type=int, default=5, help="Timed turns of each step (after a warm-up turn).")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--penalty", default="log", choices=("l1", "log"),
+                    help="the step's sparsity cost (tca train's default: log; l1 is the paper's)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the figures docs/ quotes from this "
                     "bench ran at 2; tca train's own default is tca.cache.threads.DEFAULT_THREADS).")
     args = ap.parse_args()
@@ -178,7 +185,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.shape == "7b":
         for l0 in (None, 10):
-            emit(bench="step", shape="7b", **step_ratio(3584, 8192, args.batch or 1024, args.repeats, l0, device))
+            emit(bench="step", shape="7b", **step_ratio(3584, 8192, args.batch or 1024, args.repeats, l0, device,
+                                                        args.penalty))
         return
     args.batch = args.batch or 4096
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +208,7 @@ def main() -> None:
         emit(bench="trainer", **trainer_ratio(f"{tmp}/store", f"{tmp}/run", args.features, args.batch, args.steps),
              features=args.features, d=args.d, batch=args.batch)
         for l0 in (None, 10):
-            emit(bench="step", **step_ratio(args.d, args.features, args.batch, args.repeats, l0, device))
+            emit(bench="step", **step_ratio(args.d, args.features, args.batch, args.repeats, l0, device, args.penalty))
 
 
 if __name__ == "__main__":
