@@ -182,6 +182,9 @@ def cache_info(store: str, as_json: bool) -> None:
         click.echo(f"{'layers':<12}{d['layers']}  d_model={d['d_model']}  dtype={d['dtype']}  arrays={d['arrays']}")
         click.echo(f"{'rows':<12}{d['rows_committed']} of {d['rows']} committed "
                    f"({d['blocks_committed']}/{d['blocks']} blocks){'' if d['complete'] else '  INCOMPLETE'}")
+        if any(n != d["blocks_committed"] for n in d["blocks_written"].values()):  # a harvest in passes, mid-way
+            click.echo(f"{'written':<12}" + ", ".join(f"layer {layer}: {n}/{d['blocks']}"
+                                                      for layer, n in d["blocks_written"].items()) + " blocks")
         click.echo(f"{'tokens':<12}{d['tokens']} in {d['docs']} documents")
         click.echo(f"{'on disk':<12}{d['bytes_on_disk'] / 1e6:.1f} MB  (blocks of {d['block_rows']} rows, "
                    f"chunks of {d['chunk_rows']}, compressor {d['compressor']})")

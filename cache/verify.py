@@ -30,6 +30,8 @@ def info(url: str, storage_options: dict | None = None) -> dict:
     """What a store holds: models, layers, rows, tokens, documents, bytes, completeness."""
     store = Store.open(url, storage_options=storage_options)
     done = store.committed()
+    # a harvest in passes commits a block only in its last pass; before that only these show progress
+    written = store.layers_written() if not done.all() else np.broadcast_to(done, (len(store.layers), len(done)))
     provenance = store.spec.attrs
     return {
         "url": url,
@@ -45,6 +47,7 @@ def info(url: str, storage_options: dict | None = None) -> dict:
         "docs": provenance.get("n_docs"),
         "blocks": len(done),
         "blocks_committed": int(done.sum()),
+        "blocks_written": {layer: int(row.sum()) for layer, row in zip(store.layers, written, strict=True)},
         "complete": bool(done.all()) and store.setup_complete,
         "block_rows": store.spec.block_rows,
         "chunk_rows": store.spec.chunk_rows,

@@ -4,11 +4,13 @@ stopped, with the same or another number of layers per pass."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from test_harvest import raw_arrays
 from test_ranks import same_files, spawn_ranks
 
@@ -16,6 +18,7 @@ import tca.cache.harvest as harvest_module
 from tca.cache.harvest import HarvestConfig, harvest, layer_passes
 from tca.cache.plan import PlanConfig
 from tca.cache.store import Store
+from tca.cli import main
 
 SETTINGS = dict(layers="all", block_rows=64, chunk_rows=32, batch_tokens=160, store_y=True, device="cpu")
 MAX_TOKENS = 500
@@ -106,6 +109,12 @@ def test_an_interrupted_harvest_in_passes_resumes_where_it_stopped(tiny_pair, ti
     partial = Store.open(str(out))
     before, committed = partial.layers_written(), partial.committed()
     assert 0 < before.sum() < before.size
+    # tca cache info shows each layer's progress, which the commits alone do not
+    shown = CliRunner().invoke(main, ["cache", "info", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["blocks_written"] == {str(layer): int(before[i].sum())
+                                                          for i, layer in enumerate(partial.layers)}
+    assert json.loads(shown.output)["blocks_committed"] == int(committed.sum())
     if first:
         assert before[:first].all()  # the first pass finished
         # only the last pass commits blocks: before it, readers see none
