@@ -83,6 +83,10 @@ from tca.train.checkpoint import named_set
 
 log = logging.getLogger(__name__)
 
+EXAMPLES = 3
+"""Responses kept as text per trial, shown in study.md: a count alone can hide what was written
+("5+4=Wait" holds a hesitation word and no re-check)."""
+
 
 @dataclass
 class StudyConfig:
@@ -212,7 +216,9 @@ class Trial:
     """Teacher-forced on the part's traces: mean probability of the hesitation words at the
     positions where the target predicts one of them (None where generation banned the words)."""
     rechecks: float
-    """Hesitations per response, a response cut at ``max_new_tokens`` counting none (``Outcomes``)."""
+    """Re-checks per response, a response cut at ``max_new_tokens`` counting none (``Outcomes``)."""
+    examples: list[str]
+    """The first ``EXAMPLES`` responses as generated: what the counts count, to be read."""
     kept: bool = True
     """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
     and hesitations did not rise)."""
@@ -309,6 +315,8 @@ class StudyReport:
     """Verdict part: unedited target, hybrid and adapted models."""
     baseline_p_words: dict[str, float]
     """``Trial.p_words`` of the unedited models, verdict part."""
+    baseline_examples: dict[str, list[str]]
+    """``Trial.examples`` of the unedited models, verdict part."""
     target_banned: Figures
     """Verdict part: the target generating with the hesitation words banned: whether the task
     survives without hesitation at all (if not, no ablation can keep accuracy)."""
@@ -531,13 +539,15 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         # scored one prompt at a time by the same function as the whole part, so per-prompt
         # outcomes and the part's figures cannot disagree on what counts as correct or a hesitation
         each = [score(tokenizer, [r], [resp], cfg.words) for r, resp in zip(part.records, responses, strict=True)]
-        finished = [0.0 if r.truncated else float(count_rechecks(tokenizer.decode(r.ids, skip_special_tokens=False),
-                                                                  cfg.words)) for r in responses]
+        texts = [tokenizer.decode(r.ids, skip_special_tokens=False) for r in responses]
+        finished = [0.0 if r.truncated else float(count_rechecks(text, cfg.words))
+                    for r, text in zip(responses, texts, strict=True)]
         outcomes = Outcomes([f.accuracy for f in each], [f.hesitations for f in each], [f.hesitating for f in each],
                             [f.mean_length for f in each], [f.truncated for f in each], finished, mass, count)
         p_words = None if mass is None else sum(mass) / max(sum(count), 1)
         figures = score(tokenizer, part.records, responses, cfg.words)
-        return Trial(trial, len(features), features, figures, p_words, sum(finished) / len(finished)), outcomes
+        return Trial(trial, len(features), features, figures, p_words, sum(finished) / len(finished),
+                     texts[:EXAMPLES]), outcomes
 
     # ---- selection: the search and the clamp scale
     sel_adapted, _ = run(selection, "adapted (selection)", "adapted", [], [])
@@ -629,6 +639,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         clamp_sweep=sweep, clamp_scale=scale, hesitation_features=hesitation,
         baseline={k: trials[k].figures for k in ("target", "hybrid", "adapted")},
         baseline_p_words={k: trials[k].p_words for k in ("target", "hybrid", "adapted")},
+        baseline_examples={k: trials[k].examples for k in ("target", "hybrid", "adapted")},
         target_banned=trials["target_banned"].figures, ablated=trials.get("ablated"),
         sufficiency=[trials["clamped"]], conditions=conditions,
         changes={"cut": cut, "accuracy_delta": accuracy_delta, "clamped_hesitations": added},
@@ -772,7 +783,15 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "- re-checks per response the clamp adds (clamped − hybrid): "
               f"{as_text(ch['clamped_hesitations'])}",
               "", "The banned row bans the hesitation words from the target's generation: the accuracy the task keeps "
-              "without hesitating at all, an upper bound for any ablation.", ""]
+              "without hesitating at all, an upper bound for any ablation.", "",
+              "### What the responses look like", "",
+              "The first verdict prompts' responses, as generated (study.json keeps them per trial, `examples`).", ""]
+    examples = report.baseline_examples | {"clamped": report.sufficiency[0].examples}
+    if report.ablated is not None:
+        examples["ablated"] = report.ablated.examples
+    for key in ("target", "hybrid", "adapted", "ablated", "clamped"):
+        if key in examples:
+            lines += [f"{CONDITION_NAMES[key]}:", "", "```text", *_shown(examples[key]), "```", ""]
     if report.controls:
         lines += ["## Controls", "",
                   f"{len(report.controls)} random sets of {n} feature{'s' * (n > 1)}: each hesitation feature replaced "
@@ -815,13 +834,24 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "", "![sufficiency](sufficiency.png)", "",
               _trials_table([report.selection_target] + report.clamp_sweep), "",
               f"p(words): teacher-forced probability of {words} at the positions where the target predicts one; the "
-              "other columns are greedy generations from the part's prompts.", "",
+              "other columns are greedy generations from the part's prompts. The first selection prompt's "
+              "response at each scale:", "",
+              "```text", *[f"{t.name.split()[1]:>6}  {t.examples[0]!r}" for t in report.clamp_sweep if t.examples],
+              "```", "",
               "Find a feature's examples with `tca top INDEX LAYER FEATURE`, or in SQL:", "",
               "```sql",
               "SELECT * FROM attributions JOIN features USING (adapter, layer, feature)",
               f"WHERE adapter = '{report.adapter}' ORDER BY rank LIMIT 20;",
               "```", ""]
     return "\n".join(lines)
+
+
+def _shown(examples: list[str]) -> list[str]:
+    """Responses one per block, line breaks kept, separated by a rule."""
+    out: list[str] = []
+    for i, text in enumerate(examples):
+        out += (["---"] if i else []) + text.strip("\n").splitlines()
+    return out
 
 
 def _trials_table(trials: list[Trial]) -> str:

@@ -121,20 +121,22 @@ def test_trials_equal_generation_with_the_same_edits(study):
         with mode(model, name), edits(model, feature_edits):
             responses = generate(model, tok, questions_of(records), max_new_tokens=NEW_TOKENS, banned=banned)
         each = [score(tok, [r], [x]) for r, x in zip(records, responses, strict=True)]
+        texts = [tok.decode(x.ids, skip_special_tokens=False) for x in responses]
         # re-checks written out: a line or sentence that opens with "Wait", then punctuation, a space, a letter
         rechecks = [0 if x.truncated else sum(
-            1 for line in tok.decode(x.ids, skip_special_tokens=False).split("\n")
+            1 for line in text.split("\n")
             for sentence in re.split(r"(?<=[.!?]) ", line)
-            if re.match(r"\s*Wait[,.!?:…]* +[A-Za-z]", sentence)) for x in responses]
-        return score(tok, records, responses), each, rechecks
+            if re.match(r"\s*Wait[,.!?:…]* +[A-Za-z]", sentence)) for x, text in zip(responses, texts, strict=True)]
+        return score(tok, records, responses), each, rechecks, texts
 
     mean = {(c["layer"], c["feature"]): c["mean"] for c in report["candidates"]}
     for name in ("target", "hybrid", "adapted"):
-        figures, each, _ = run(verdict, name, [])
+        figures, each, _, texts = run(verdict, name, [])
+        assert report["baseline_examples"][name] == texts[:3]
         assert figures.__dict__ == report["baseline"][name]
         assert [f.hesitations for f in each] == report["per_prompt"][name]["hesitations"]
         assert [f.accuracy for f in each] == report["per_prompt"][name]["correct"]
-    banned, _, _ = run(verdict, "target", [], banned=[tok.convert_tokens_to_ids("Wait")])
+    banned, _, _, _ = run(verdict, "target", [], banned=[tok.convert_tokens_to_ids("Wait")])
     assert banned.__dict__ == report["target_banned"] and banned.hesitations == 0
     # the search ran on the selection prompts, the verdict on the verdict prompts
     last = report["necessity"][-1]
@@ -153,10 +155,10 @@ def test_trials_equal_generation_with_the_same_edits(study):
     clamps = [FeatureEdit(l, [f], 0.5 * mean[(l, f)], onsets) for l, f in sweep["features"]]
     assert run(selection, "hybrid", clamps)[0].__dict__ == sweep["figures"]
     clamped = report["sufficiency"][0]
-    for trial, (_, _, rechecks) in zip(report["clamp_sweep"], [run(selection, "hybrid", [FeatureEdit(
+    for trial, (_, _, rechecks, texts) in zip(report["clamp_sweep"], [run(selection, "hybrid", [FeatureEdit(
             l, [f], s * mean[(l, f)], onsets) for l, f in sweep["features"]]) for s in (0.5, 1.0)], strict=True):
-        assert trial["rechecks"] == pytest.approx(np.mean(rechecks))
-    target, _, rechecks = run(selection, "target", [])
+        assert trial["rechecks"] == pytest.approx(np.mean(rechecks)) and trial["examples"] == texts[:3]
+    target, _, rechecks, _ = run(selection, "target", [])
     assert target.__dict__ == report["selection_target"]["figures"]
     reference = np.mean(rechecks)
     assert report["selection_target"]["rechecks"] == pytest.approx(reference)
@@ -305,6 +307,9 @@ def test_report_files(study):
     assert set(saved["changes"]) == {"cut", "accuracy_delta", "clamped_hesitations"}
     md = (out / "study.md").read_text()
     assert "## Verdict" in md and "necessity.png" in md
+    # the clamped condition's first response, as generated, is in the report to be read
+    assert "### What the responses look like" in md
+    assert saved["sufficiency"][0]["examples"][0].strip("\n").splitlines()[0] in md
     for png in ("necessity.png", "sufficiency.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
