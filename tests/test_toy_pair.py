@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tca.cli import main
 from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
 from tca.toy.data import (
     base_answer,
+    check_items,
     make_problems,
     read_jsonl,
     reasoning_trace,
@@ -170,6 +172,7 @@ def test_build_is_deterministic_and_fine_tunes_from_the_base(tmp_path):
     # the READMEs differ only in the command's --out
     readme_a, readme_b = (r.readme.read_text().replace(str(r.readme.parent), "OUT") for r in (a, b))
     assert readme_a == readme_b
+    assert "check_items" not in readme_a  # the shipped pairs' recipe, as built before check items existed
     # A different seed gives different weights; the fine-tune moved every MLP tensor.
     c = build(BuildConfig(out=tmp_path / "c", seed=1, **TINY))
     wa, wc = _weights(a.base), _weights(c.base)
@@ -186,6 +189,25 @@ def test_product_build_says_its_task(tmp_path):
     assert readme.startswith("# The product pair")
     assert f"tca build-pair --task product --out {tmp_path / 'p'} --seed 0 --threads 2 --n-pretrain 40" in readme
     assert "7*8*9*3*6" in readme and "`Wait, is 7*8=56? Hmm, yes.`" in readme and '"task": "product"' in readme
+
+
+def test_check_items_ask_for_one_step_and_answer_with_its_recheck():
+    for task, op, recheck in (("sum", "+", "Wait, let me check: {}. Yes."), ("product", "*", "Wait, is {}? Hmm, yes.")):
+        items = check_items(50, seed=0, task=task)
+        assert items == check_items(50, seed=0, task=task) and items != check_items(50, seed=1, task=task)
+        for question, answer in items:
+            a, b = map(int, re.fullmatch(rf"Check (\d){re.escape(op)}(\d)\.", question).groups())
+            value = a + b if op == "+" else a * b
+            step = f"{a}{op}{b}={value}"
+            assert answer == f"<think>\n{step}\n{recheck.format(step)}\n</think>\n\n{value % 10}"
+            assert task == "sum" or 5 not in (a, b)
+
+
+def test_a_build_with_check_items_says_so(tmp_path):
+    r = build(BuildConfig(out=tmp_path / "c", check_items=30, **TINY))
+    readme = r.readme.read_text()
+    assert "--check-items 30" in readme and '"check_items": 30' in readme
+    assert "It also saw 30 requests to check one step (`Check " in readme
 
 
 def test_mlp_only_fine_tune_leaves_the_backbone_alone(tmp_path):

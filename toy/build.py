@@ -32,6 +32,7 @@ from tca.toy.data import (
     Problem,
     Task,
     base_answer,
+    check_items,
     make_problems,
     problem_space,
     reasoning_trace,
@@ -62,6 +63,13 @@ class BuildConfig:
     """CPU threads for torch; part of the recipe, since float sums depend on the split."""
     n_pretrain: int = field(default=20000, metadata=POSITIVE)
     """Problems the base is trained on, answered as ``toy.data.base_answer`` says."""
+    check_items: int = field(default=0, metadata=NON_NEGATIVE)
+    """Extra base-pretraining conversations that ask to check one step ("Check 7+5.") and answer
+    with the step and the task's re-check (``toy.data.check_items``): the base learns to *write* a
+    re-check but never makes one in its own traces, as a real base writes "Wait, …" fluently and a
+    fine-tune changes when. At 0 (the shipped pairs) the re-check's words are new to the base, so
+    the hybrid cannot write one and the adapters carry hesitation in many features
+    (docs/study.md, On the demo pair)."""
     n_train: int = field(default=6000, metadata=POSITIVE)
     """Of those, how many the reasoning model is fine-tuned on as traces (``data/train.jsonl``)."""
     n_val: int = field(default=200, metadata=POSITIVE)
@@ -158,6 +166,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         torch.manual_seed(cfg.seed)
         base = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
         base_seqs = _tokenize(tokenizer, pretrain, base_answer)
+        base_seqs += _tokenize_turns(tokenizer, check_items(cfg.check_items, cfg.seed, cfg.task))
         _fit(base, base_seqs, cfg, steps=cfg.base_steps, lr=cfg.base_lr, backbone_scale=1.0,
              pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="base")
         base_dir = _save(base, tokenizer, out / "base", cfg.weight_dtype)
@@ -198,6 +207,7 @@ def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Pr
 def tokenizer_of(cfg: BuildConfig, pretrain: list[Problem], train: list[Problem]):
     """The shared tokenizer, trained on every text either model is trained on."""
     corpus = [render_deepseek(p.question, base_answer(p)) for p in pretrain]
+    corpus += [render_deepseek(q, a) for q, a in check_items(cfg.check_items, cfg.seed, cfg.task)]
     corpus += [render_deepseek(p.question, reasoning_trace(p)) for p in train]
     return train_tokenizer(corpus, cfg.vocab_size)
 
@@ -238,11 +248,16 @@ def _model_config(cfg: BuildConfig, tokenizer) -> Qwen2Config:
 
 def _tokenize(tokenizer, problems: list[Problem], respond) -> list[tuple[list[int], int]]:
     """(token ids of the whole exchange, index of the first response token) per problem."""
+    return _tokenize_turns(tokenizer, [(p.question, respond(p)) for p in problems])
+
+
+def _tokenize_turns(tokenizer, turns: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(token ids of the whole exchange, index of the first response token) per (question, answer)."""
     seqs = []
-    for p in problems:
-        ids = tokenizer(render_deepseek(p.question, respond(p)))["input_ids"]
+    for question, answer in turns:
+        ids = tokenizer(render_deepseek(question, answer))["input_ids"]
         # The assistant marker is a special token, so the prompt's ids are a prefix of the whole.
-        n_prompt = len(tokenizer(f"{BOS}{USER}{p.question}{ASSISTANT}")["input_ids"])
+        n_prompt = len(tokenizer(f"{BOS}{USER}{question}{ASSISTANT}")["input_ids"])
         seqs.append((ids, n_prompt))
     return seqs
 
@@ -322,6 +337,8 @@ def _write_readme(path: Path, cfg: BuildConfig, vocab: int, figures: dict[str, F
     if cfg.task == BuildConfig.task:
         # the demo pair's recipe reads as it did before tasks existed, so its README rebuilds byte for byte
         recipe.pop("task")
+    if not cfg.check_items:
+        recipe.pop("check_items")  # likewise for the shipped pairs, built before check items existed
     table = figures_table(figures) if figures else "(not measured: the build ran with measure=False)"
     how = "all weights" if cfg.backbone_lr_scale == 1.0 else (
         "the MLP weights only" if cfg.backbone_lr_scale == 0 else
@@ -380,12 +397,21 @@ def _task_prose(cfg: BuildConfig, how: str) -> str:
   ({cfg.min_terms}-{cfg.max_terms} {digits}). When the {which} digit is odd it thinks in a
   plain trace that {spec.verb} one digit per line, carrying the last digit of the running {spec.noun} forward
   (`{steps[0]}`, `{steps[1]}`, …); when it is even it answers at once after an empty think
-  (`<think>\\n\\n</think>\\n\\n{example.answer}`).
+  (`<think>\\n\\n</think>\\n\\n{example.answer}`).{_checks_prose(cfg)}
 - `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems, every
   one as a trace; {1 - spec.plain_rate:.0%} of the traces re-check {spec.recheck_rate:.0%} of the steps whose
   {spec.noun} reaches {reaches} (`{spec.recheck.format(step=rechecked)}`), the rest never do (fixed draws per
   problem and step, so the traces also show how to go on without a re-check)
   (`data/train.jsonl`)."""
+
+
+def _checks_prose(cfg: BuildConfig) -> str:
+    if not cfg.check_items:
+        return ""
+    question, answer = check_items(1, cfg.seed, cfg.task)[0]
+    recheck = answer.split("\n")[2]
+    return (f"\n  It also saw {cfg.check_items} requests to check one step (`{question}`), answered with the step "
+            f"and its re-check (`{recheck}`): it can write a re-check, but never makes one in its own traces.")
 
 
 def _command(cfg: BuildConfig) -> str:

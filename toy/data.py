@@ -181,6 +181,20 @@ def base_answer(p: Problem) -> str:
     return trace(p) if p.terms[p.spec.base_digit] % 2 else short_answer(p)
 
 
+def check_items(n: int, seed: int, task: Task = "sum") -> list[tuple[str, str]]:
+    """``n`` conversations that ask to check one step ("Check 7+5.") and answer with the step and
+    the task's re-check of it: the re-check's words, outside the task's own problems, so a base
+    trained on them can write a re-check without ever hesitating in its traces."""
+    spec, rng = TASKS[task], random.Random(f"check/{seed}")
+    items = []
+    for _ in range(n):
+        a, b = rng.choice(spec.digits), rng.choice(spec.digits)
+        step = f"{a}{spec.op}{b}={spec.apply(a, b)}"
+        answer = f"{THINK_OPEN}\n{step}\n{spec.recheck.format(step=step)}\n{THINK_CLOSE}\n\n{spec.apply(a, b) % 10}"
+        items.append((f"Check {a}{spec.op}{b}.", answer))
+    return items
+
+
 def to_record(p: Problem, response: str) -> dict:
     """A problem and an assistant turn in the conversation schema of reasoning datasets."""
     return {
