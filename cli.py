@@ -444,7 +444,8 @@ def study_hesitation(cfg, as_json) -> None:
     of its 95% interval, keeps accuracy within --accuracy-tolerance, and beats --controls random
     sets matched in activation frequency. Sufficient: clamping the set on in the hybrid brings at
     least --sufficient-fraction of the target's re-checks (a hesitation word opening a sentence,
-    words after it, in a response that ends), lower bound again. The report
+    words after it, in a response that ends), lower bound again, without costing the hybrid more
+    than --accuracy-tolerance of accuracy. The report
     (study.md, study.json, necessity.png, sufficiency.png) goes to --out.
     """
     from tca.query.study import hesitation_study

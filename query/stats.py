@@ -216,7 +216,7 @@ class Thresholds:
     cut: float
     """Necessary: the cut's lower bound is at least this."""
     accuracy_tolerance: float
-    """Necessary: the accuracy change's lower bound is at least minus this."""
+    """Necessary and sufficient: the accuracy change's lower bound is at least minus this."""
     control_quantile: float
     """Necessary: the cut's lower bound exceeds this quantile of the control sets' cuts."""
     sufficient_fraction: float
@@ -241,10 +241,17 @@ def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Seque
     }
 
 
-def sufficiency_rule(added: Estimate, target_hesitations: float | None, t: Thresholds) -> bool:
-    """The clamp adds, at its lower bound, at least ``sufficient_fraction`` of the target's hesitations."""
-    return (added.ci95 is not None and target_hesitations is not None
-            and added.ci95[0] >= t.sufficient_fraction * target_hesitations)
+def sufficiency_rules(added: Estimate, target_hesitations: float | None, accuracy_delta: Estimate,
+                      t: Thresholds) -> dict[str, bool]:
+    """Each condition of *sufficient*: the clamp adds, at its lower bound, at least
+    ``sufficient_fraction`` of the target's re-checks (``rechecks``), and the clamped hybrid's
+    accuracy change's lower bound stays above −``accuracy_tolerance`` (``accuracy``): re-checks
+    bought by breaking the model are not the target's behaviour."""
+    return {
+        "rechecks": (added.ci95 is not None and target_hesitations is not None
+                     and added.ci95[0] >= t.sufficient_fraction * target_hesitations),
+        "accuracy": accuracy_delta.ci95 is not None and accuracy_delta.ci95[0] >= -t.accuracy_tolerance,
+    }
 
 
 def as_text(e: Estimate, fmt: str = ".2f") -> str:

@@ -27,8 +27,9 @@ The study finds them on one set of held-out prompts and judges them on another:
    ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
    where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would take
    either for hesitation. The scale whose re-checks per response come closest to the target's on
-   the same prompts is the one the verdict uses: the question is whether the features bring back
-   the target's behaviour, not how many words a clamp can force.
+   the same prompts, among the scales that keep the hybrid's accuracy there (within
+   ``accuracy_tolerance``), is the one the verdict uses: the question is whether the features bring
+   back the target's behaviour, not how many words a clamp can force.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
@@ -37,7 +38,8 @@ The study finds them on one set of held-out prompts and judges them on another:
 4. **Necessary** when the cut's lower bound reaches ``cut``, the accuracy change's lower bound
    stays above −``accuracy_tolerance``, and the cut's lower bound exceeds the controls'
    ``control_quantile``. **Sufficient** when the lower bound of the re-checks per response the
-   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's.
+   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's, and the clamped
+   hybrid's accuracy change's lower bound stays above −``accuracy_tolerance``.
 5. **How few.** The hesitation features as a fraction of all the adapters' features.
 
 Everything is written to the output folder: ``study.json`` (every figure, and each verdict
@@ -136,7 +138,7 @@ class StudyConfig:
     stopping point on the selection part; on the verdict part, the cut's lower bound)..."""
     accuracy_tolerance: float = field(default=0.05, metadata=PROPORTION)
     """...while accuracy drops by at most this much (absolute; on the verdict part, the accuracy
-    change's lower bound)."""
+    change's lower bound). Sufficient too: the clamp may cost the hybrid at most this much."""
     control_quantile: float = field(default=0.95, metadata=FRACTION)
     """Necessary: the cut's lower bound must exceed this quantile of the control sets' cuts."""
     controls: int = field(default=20, metadata=POSITIVE)
@@ -293,6 +295,9 @@ class StudyReport:
     """The unablated adapted model on the selection prompts: the search's reference."""
     selection_target: Trial
     """The target on the selection prompts: the clamp sweep's reference."""
+    selection_hybrid: Trial
+    """The hybrid on the selection prompts: a clamp scale whose accuracy falls more than
+    ``accuracy_tolerance`` below it is not chosen (unless every scale's does)."""
     clamp_tokens: list[int] | None
     """The tokens after which the clamp acts (``clamp_at`` onsets), None: everywhere."""
     clamp_pieces: list[str] | None
@@ -330,8 +335,8 @@ class StudyReport:
     and 95% interval."""
     changes: dict[str, Estimate]
     """Paired over verdict prompts: ``cut`` (1 − ablated ÷ adapted hesitations per response),
-    ``accuracy_delta`` (ablated − adapted) and ``clamped_hesitations`` (clamped − hybrid
-    re-checks per response)."""
+    ``accuracy_delta`` (ablated − adapted), ``clamped_hesitations`` (clamped − hybrid re-checks per
+    response) and ``clamped_accuracy_delta`` (clamped − hybrid accuracy)."""
     controls: list[Control]
     control_spread: dict[str, dict[str, float | None]]
     """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``."""
@@ -339,6 +344,8 @@ class StudyReport:
     necessary_rules: dict[str, bool]
     """Each condition of *necessary*: ``cut``, ``accuracy``, ``controls``."""
     sufficient: bool
+    sufficient_rules: dict[str, bool]
+    """Each condition of *sufficient*: ``rechecks``, ``accuracy``."""
     hesitation_cut: float | None
     """``changes["cut"]``'s value."""
     accuracy_change: float | None
@@ -581,10 +588,12 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean, onsets)
 
     sel_target, _ = run(selection, "target (selection)", "target", [], [])
+    sel_hybrid, _ = run(selection, "hybrid (selection)", "hybrid", [], [])
     sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
              for s in cfg.clamp_scales]
-    scale = cfg.clamp_scales[min(range(len(sweep)), key=lambda i: (
-        abs(sweep[i].rechecks - sel_target.rechecks), i))]
+    # a scale that costs the hybrid its answers is judged only when every scale does
+    held = [i for i, t in enumerate(sweep) if _accuracy_held(cfg, sel_hybrid.figures, t.figures)] or range(len(sweep))
+    scale = cfg.clamp_scales[min(held, key=lambda i: (abs(sweep[i].rechecks - sel_target.rechecks), i))]
 
     # ---- verdict: every figure a verdict uses, prompt by prompt
     per_prompt: dict[str, Outcomes] = {}
@@ -628,11 +637,13 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     cut, accuracy_delta = change(per_prompt["ablated"]) if chosen else (stats.NONE, stats.NONE)
     added = stats.paired_difference(per_prompt["clamped"].rechecks,
                                     per_prompt["hybrid"].rechecks, counts)
+    clamped_accuracy = stats.paired_difference(per_prompt["clamped"].correct, per_prompt["hybrid"].correct, counts)
+    sufficiency = stats.sufficiency_rules(added, conditions["target"]["rechecks"].value, clamped_accuracy, thresholds)
     rules = stats.necessity_rules(cut, accuracy_delta, [c.cut for c in controls], thresholds)
     report = StudyReport(
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
         verdict_docs=verdict.docs, n_positions=n_positions, total_features=total, candidates=candidates,
-        n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target,
+        n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target, selection_hybrid=sel_hybrid,
         clamp_tokens=None if onsets is None else sorted(onsets),
         clamp_pieces=None if onsets is None else [tokenizer.decode([t]) for t in sorted(onsets)],
         necessity=necessity, search_met_cut=met,
@@ -642,13 +653,13 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         baseline_examples={k: trials[k].examples for k in ("target", "hybrid", "adapted")},
         target_banned=trials["target_banned"].figures, ablated=trials.get("ablated"),
         sufficiency=[trials["clamped"]], conditions=conditions,
-        changes={"cut": cut, "accuracy_delta": accuracy_delta, "clamped_hesitations": added},
+        changes={"cut": cut, "accuracy_delta": accuracy_delta, "clamped_hesitations": added,
+                 "clamped_accuracy_delta": clamped_accuracy},
         controls=controls,
         control_spread={k: stats.spread([getattr(c, k) for c in controls], cfg.control_quantile)
                         for k in ("cut", "accuracy_delta")},
         necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
-        sufficient=bool(chosen) and stats.sufficiency_rule(
-            added, conditions["target"]["rechecks"].value, thresholds),
+        sufficient=bool(chosen) and all(sufficiency.values()), sufficient_rules=sufficiency,
         hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
         fraction_of_features=len(hesitation) / total, per_prompt=per_prompt, threads=cfg.threads,
     )
@@ -669,9 +680,10 @@ def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
     }
 
 
-def _accuracy_held(cfg: StudyConfig, adapted: Figures, ablated: Figures) -> bool:
-    """Accuracy stays within the tolerance of the unablated adapted model's."""
-    return adapted.accuracy is None or ablated.accuracy >= adapted.accuracy - cfg.accuracy_tolerance
+def _accuracy_held(cfg: StudyConfig, reference: Figures, edited: Figures) -> bool:
+    """Accuracy stays within the tolerance of the unedited model's (the adapted model's for an
+    ablation, the hybrid's for a clamp)."""
+    return reference.accuracy is None or edited.accuracy >= reference.accuracy - cfg.accuracy_tolerance
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -759,8 +771,11 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
         f"{as_text(hybrid['hesitations'])} → {as_text(clamped['hesitations'])} "
         f"({as_text(clamped['truncated'], '.0%')} of clamped responses cut at the token limit). "
         f"The lower bound must reach "
-        f"{t.sufficient_fraction:g} × the target's {as_text(target['rechecks'])} = {_num(need)}. "
-        f"Teacher-forced on the "
+        f"{t.sufficient_fraction:g} × the target's {as_text(target['rechecks'])} = {_num(need)}: "
+        f"{_yes(report.sufficient_rules['rechecks'])}. The clamped hybrid's accuracy changes by "
+        f"{as_points(ch['clamped_accuracy_delta'])} against the hybrid's; its lower bound must stay above "
+        f"−{100 * t.accuracy_tolerance:g} points (re-checks bought by breaking the model are not the target's "
+        f"behaviour): {_yes(report.sufficient_rules['accuracy'])}. Teacher-forced on the "
         f"target's traces, the clamp moves p(words) from the hybrid's {as_text(hybrid['p_words'], '.3f')} to "
         f"{as_text(clamped['p_words'], '.3f')} (target {as_text(target['p_words'], '.3f')}). Generation can only show "
         f"hesitation where the hybrid writes a trace to hesitate in: its responses average "
@@ -782,6 +797,7 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               f"- accuracy change (ablated − adapted): {as_points(ch['accuracy_delta'])}",
               "- re-checks per response the clamp adds (clamped − hybrid): "
               f"{as_text(ch['clamped_hesitations'])}",
+              f"- accuracy change of the clamp (clamped − hybrid): {as_points(ch['clamped_accuracy_delta'])}",
               "", "The banned row bans the hesitation words from the target's generation: the accuracy the task keeps "
               "without hesitating at all, an upper bound for any ablation.", "",
               "### What the responses look like", "",

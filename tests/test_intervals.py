@@ -189,10 +189,19 @@ def test_necessary_needs_every_rule():
                                                                          "controls": False}
 
 
-def test_sufficient_needs_the_lower_bound_of_the_added_hesitations():
-    target = 2.8  # a quarter: 0.7
-    assert stats.sufficiency_rule(Estimate(2.08, [1.7, 2.4]), target, RULES)
-    assert stats.sufficiency_rule(Estimate(1.0, [0.7, 1.3]), target, RULES)
-    assert not stats.sufficiency_rule(Estimate(1.0, [0.69, 1.3]), target, RULES)
-    assert not stats.sufficiency_rule(stats.NONE, target, RULES)
-    assert not stats.sufficiency_rule(Estimate(1.0, [0.8, 1.3]), None, RULES)
+def test_sufficient_needs_the_lower_bounds_of_the_added_rechecks_and_of_the_accuracy_change():
+    target, held = 2.8, Estimate(0.0, [-0.05, 0.05])  # a quarter of the target: 0.7; tolerance 5 points
+
+    def rechecks(added, target=target, accuracy=held):
+        return stats.sufficiency_rules(added, target, accuracy, RULES)["rechecks"]
+
+    assert rechecks(Estimate(2.08, [1.7, 2.4]))
+    assert rechecks(Estimate(1.0, [0.7, 1.3]))
+    assert not rechecks(Estimate(1.0, [0.69, 1.3]))
+    assert not rechecks(stats.NONE)
+    assert not rechecks(Estimate(1.0, [0.8, 1.3]), target=None)
+    # re-checks that cost the hybrid its answers do not count as the target's behaviour
+    added = Estimate(2.0, [1.8, 2.3])
+    assert stats.sufficiency_rules(added, target, held, RULES) == {"rechecks": True, "accuracy": True}
+    assert stats.sufficiency_rules(added, target, Estimate(-0.12, [-0.2, -0.051]), RULES)["accuracy"] is False
+    assert stats.sufficiency_rules(added, target, stats.NONE, RULES)["accuracy"] is False

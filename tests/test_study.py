@@ -162,7 +162,12 @@ def test_trials_equal_generation_with_the_same_edits(study):
     assert target.__dict__ == report["selection_target"]["figures"]
     reference = np.mean(rechecks)
     assert report["selection_target"]["rechecks"] == pytest.approx(reference)
-    assert report["clamp_scale"] == [0.5, 1.0][min(range(2), key=lambda i: (
+    hybrid = run(selection, "hybrid", [])[0]
+    assert hybrid.__dict__ == report["selection_hybrid"]["figures"]
+    # the scale closest to the target's re-checks among those that keep the hybrid's accuracy
+    sweep_acc = [t["figures"]["accuracy"] for t in report["clamp_sweep"]]
+    held = [i for i in range(2) if sweep_acc[i] >= hybrid.accuracy - 0.05] or [0, 1]
+    assert report["clamp_scale"] == [0.5, 1.0][min(held, key=lambda i: (
         abs(report["clamp_sweep"][i]["rechecks"] - reference), i))]
     clamps = [FeatureEdit(l, [f], report["clamp_scale"] * mean[(l, f)], onsets) for l, f in clamped["features"]]
     assert run(verdict, "hybrid", clamps)[0].__dict__ == clamped["figures"]
@@ -246,7 +251,13 @@ def test_intervals_and_verdicts_recomputed_from_the_prompts(study):
     if report["ablated"] is None:
         assert not report["necessary"] and not report["sufficient"] and report["controls"] == []
         return
-    assert report["sufficient"] == (added["ci95"][0] >= 0.25 * target)
+    both = ~np.isnan(clamped["correct"]) & ~np.isnan(hybrid["correct"])
+    clamped_acc = report["changes"]["clamped_accuracy_delta"]
+    assert clamped_acc["value"] == pytest.approx((clamped["correct"] - hybrid["correct"])[both].mean())
+    assert clamped_acc["ci95"] == pytest.approx(_brute_interval(
+        n, lambda i: np.nanmean(clamped["correct"][i] - hybrid["correct"][i])))
+    rules = {"rechecks": added["ci95"][0] >= 0.25 * target, "accuracy": clamped_acc["ci95"][0] >= -0.05}
+    assert report["sufficient_rules"] == rules and report["sufficient"] == all(rules.values())
     ablated = per["ablated"]
     cut = report["changes"]["cut"]
     assert cut["value"] == pytest.approx(1 - ablated["hesitations"].sum() / adapted["hesitations"].sum())
@@ -304,7 +315,7 @@ def test_report_files(study):
         assert set(figures) == {"accuracy", "hesitations", "rechecks", "hesitating", "mean_length",
                                 "truncated", "p_words"}
         assert all(set(e) == {"value", "ci95"} for e in figures.values())
-    assert set(saved["changes"]) == {"cut", "accuracy_delta", "clamped_hesitations"}
+    assert set(saved["changes"]) == {"cut", "accuracy_delta", "clamped_hesitations", "clamped_accuracy_delta"}
     md = (out / "study.md").read_text()
     assert "## Verdict" in md and "necessity.png" in md
     # the clamped condition's first response, as generated, is in the report to be read
