@@ -206,10 +206,14 @@ def check_words(words: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return stripped
 
 
+def _any_of(words: tuple[str, ...]) -> str:
+    """A regex group matching any of the words, the longest first (so "Hmm" never cuts "Hmmm" short)."""
+    return "(?:" + "|".join(map(re.escape, sorted(check_words(words), key=len, reverse=True))) + ")"
+
+
 @lru_cache(maxsize=16)
 def _hesitation_re(words: tuple[str, ...]) -> re.Pattern:
-    longest_first = sorted(check_words(words), key=len, reverse=True)
-    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, longest_first)) + r")(?!\w)")
+    return re.compile(r"(?<!\w)" + _any_of(words) + r"(?!\w)")
 
 
 def count_hesitations(text: str, words: tuple[str, ...] | list[str] = HESITATION_WORDS) -> int:
@@ -220,10 +224,9 @@ def count_hesitations(text: str, words: tuple[str, ...] | list[str] = HESITATION
 
 @lru_cache(maxsize=16)
 def _recheck_re(words: tuple[str, ...]) -> re.Pattern:
-    longest_first = sorted(check_words(words), key=len, reverse=True)
     opening = r"(?:^|(?<=\n)|(?<=[.!?] ))[ \t]*"  # the start of the text, a line or a sentence
     going_on = r"[,.!?:…]*[ ]+[^\W\d_]"  # then words on the same line: "Wait, let me", "Hmm. So"
-    return re.compile(opening + "(?:" + "|".join(map(re.escape, longest_first)) + ")" + going_on, re.MULTILINE)
+    return re.compile(opening + _any_of(words) + going_on, re.MULTILINE)
 
 
 def count_rechecks(text: str, words: tuple[str, ...] | list[str] = HESITATION_WORDS) -> int:

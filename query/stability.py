@@ -33,14 +33,16 @@ class SeedFindings:
     sufficient: bool
     necessary_rules: dict[str, bool]
     """Each rule of *necessary* (``cut``, ``accuracy``, ``controls``)."""
+    sufficient_rules: dict[str, bool]
+    """Each rule of *sufficient* (``rechecks``, ``accuracy``)."""
     cut: Estimate
     """Hesitations per response cut by ablating the features, verdict prompts, paired 95% interval."""
     accuracy_delta: Estimate
     """Accuracy after the ablation − before."""
-    clamped_hesitations: Estimate
+    clamped_rechecks: Estimate
     """Re-checks per response (``count_rechecks``; one cut at the token limit counts none) the
     clamp adds to the hybrid."""
-    target_hesitations: Estimate
+    target_rechecks: Estimate
     """The target's re-checks per response on the verdict prompts (what the clamp is judged
     against)."""
     clamp_scale: float
@@ -167,11 +169,10 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
     ]
     for r in findings:
         feats = ", ".join(f"({layer}, {f}) {name_of[(r.seed, layer, f)]}" for layer, f in r.features) or "none"
-        failed = ", ".join(k for k, ok in r.necessary_rules.items() if not ok)
-        necessary = "yes" if r.necessary else f"no ({failed})" if failed else "no"
         lines.append(
-            f"| {r.seed} | {feats} | {necessary} | {'yes' if r.sufficient else 'no'} | {as_percent(r.cut)} | "
-            f"{as_points(r.accuracy_delta)} | {as_text(r.clamped_hesitations)} ({as_text(r.target_hesitations)}) "
+            f"| {r.seed} | {feats} | {_verdict(r.necessary, r.necessary_rules)} | "
+            f"{_verdict(r.sufficient, r.sufficient_rules)} | {as_percent(r.cut)} | "
+            f"{as_points(r.accuracy_delta)} | {as_text(r.clamped_rechecks)} ({as_text(r.target_rechecks)}) "
             f"×{r.clamp_scale:g} | {as_percent(r.clamped_truncated)} | {_share(r.kl_closed, '.1%')} | "
             f"{_share(r.accuracy_gain_recovered, '.0%')} |")
     if n > 1:
@@ -179,17 +180,19 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
             f"| range | | {sum(r.necessary for r in findings)} of {n} | {sum(r.sufficient for r in findings)} of {n} | "
             f"{_range([r.cut.value for r in findings], '.0%')} | "
             f"{_range([r.accuracy_delta.value for r in findings], '+.1f', 100)} points | "
-            f"{_range([r.clamped_hesitations.value for r in findings], '.2f')} | "
+            f"{_range([r.clamped_rechecks.value for r in findings], '.2f')} | "
             f"{_range([r.clamped_truncated.value for r in findings], '.0%')} | "
             f"{_range([r.kl_closed for r in findings], '.1%')} | "
             f"{_range([r.accuracy_gain_recovered for r in findings], '.0%')} |")
     lines += [
         "",
-        "A `necessary` no names the rules that failed: `cut` (the cut's lower bound below the cut asked), "
+        "A `no` names the rules that failed. Necessary: `cut` (the cut's lower bound below the cut asked), "
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
-        "95th percentile). The clamp column counts re-checks (a hesitation word opening a sentence or line, "
-        "words after it, in a response that ends), not words, and shows the scale chosen on "
-        "the selection prompts (each seed's study.md has the sweep over scales).",
+        "95th percentile). Sufficient: `rechecks` (the re-checks the clamp adds, lower bound, below the fraction "
+        "of the target's asked), `accuracy` (the clamp costs the hybrid more than the tolerance). The clamp "
+        "column counts re-checks (a hesitation word opening a sentence or line, words after it, in a response "
+        "that ends), not words, and shows the scale chosen on the selection prompts (each seed's study.md has "
+        "the sweep over scales).",
         "",
         "## Hesitation features across seeds",
         "",
@@ -211,6 +214,12 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         lines.append("| none | | | | no seed chose a hesitation feature | |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _verdict(passed: bool, rules: dict[str, bool]) -> str:
+    """``yes``, or ``no`` with the rules that failed."""
+    failed = ", ".join(k for k, ok in rules.items() if not ok)
+    return "yes" if passed else f"no ({failed})" if failed else "no"
 
 
 def _share(x: float | None, fmt: str) -> str:

@@ -236,21 +236,26 @@ def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Seque
     controls = [c for c in control_cuts if c is not None]
     return {
         "cut": lo is not None and lo >= t.cut,
-        "accuracy": accuracy_delta.ci95 is not None and accuracy_delta.ci95[0] >= -t.accuracy_tolerance,
+        "accuracy": _accuracy_kept(accuracy_delta, t),
         "controls": lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile)),
     }
 
 
-def sufficiency_rules(added: Estimate, target_hesitations: float | None, accuracy_delta: Estimate,
+def _accuracy_kept(accuracy_delta: Estimate, t: Thresholds) -> bool:
+    """The accuracy change's lower bound is at least −``accuracy_tolerance``."""
+    return accuracy_delta.ci95 is not None and accuracy_delta.ci95[0] >= -t.accuracy_tolerance
+
+
+def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_delta: Estimate,
                       t: Thresholds) -> dict[str, bool]:
     """Each condition of *sufficient*: the clamp adds, at its lower bound, at least
     ``sufficient_fraction`` of the target's re-checks (``rechecks``), and the clamped hybrid's
     accuracy change's lower bound stays above −``accuracy_tolerance`` (``accuracy``): re-checks
     bought by breaking the model are not the target's behaviour."""
     return {
-        "rechecks": (added.ci95 is not None and target_hesitations is not None
-                     and added.ci95[0] >= t.sufficient_fraction * target_hesitations),
-        "accuracy": accuracy_delta.ci95 is not None and accuracy_delta.ci95[0] >= -t.accuracy_tolerance,
+        "rechecks": (added.ci95 is not None and target_rechecks is not None
+                     and added.ci95[0] >= t.sufficient_fraction * target_rechecks),
+        "accuracy": _accuracy_kept(accuracy_delta, t),
     }
 
 

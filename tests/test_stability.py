@@ -78,12 +78,14 @@ def test_names_run_past_z():
     assert [_name(i) for i in (0, 25, 26, 27, 51, 52)] == ["A", "Z", "AA", "AB", "AZ", "BA"]
 
 
-def _finding(seed: int, cut: float, necessary: bool, features, truncated: float = 0.0) -> SeedFindings:
+def _finding(seed: int, cut: float, necessary: bool, features, truncated: float = 0.0,
+             sufficient: bool = True) -> SeedFindings:
     return SeedFindings(
-        seed=seed, features=features, necessary=necessary, sufficient=True,
+        seed=seed, features=features, necessary=necessary, sufficient=sufficient,
         necessary_rules={"cut": necessary, "accuracy": True, "controls": True},
+        sufficient_rules={"rechecks": True, "accuracy": sufficient},
         cut=Estimate(cut, [cut - 0.1, min(cut + 0.1, 1.0)]), accuracy_delta=Estimate(0.02, [-0.01, 0.05]),
-        clamped_hesitations=Estimate(1.5, [1.2, 1.8]), target_hesitations=Estimate(2.8, [2.6, 3.0]),
+        clamped_rechecks=Estimate(1.5, [1.2, 1.8]), target_rechecks=Estimate(2.8, [2.6, 3.0]),
         clamp_scale=2.0, clamped_truncated=Estimate(truncated, [max(truncated - 0.1, 0.0), truncated]),
         kl_closed=0.99, accuracy_gain_recovered=0.7)
 
@@ -92,14 +94,14 @@ def test_markdown_names_each_seeds_features_and_the_ranges():
     dec, chosen = _seeds()
     found = directions(dec, chosen)
     findings = [_finding(0, 0.95, True, chosen[0]), _finding(1, 0.81, True, chosen[1], truncated=0.5),
-                _finding(2, 0.6, False, chosen[2])]
+                _finding(2, 0.6, False, chosen[2], sufficient=False)]
     text = stability_markdown(findings, found, 0.9, "tca demo --seeds 3")
     assert "    tca demo --seeds 3" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "(1, 9) A, (1, 10) A" in rows["1"] and "(0, 2) B, (1, 7) C" in rows["2"]
-    assert "no (cut)" in rows["2"] and "| yes |" in rows["0"]
+    assert "| no (cut) | no (accuracy) |" in rows["2"] and "| yes | yes |" in rows["0"]
     # the range row: verdict counts and min-max of each figure over the seeds
-    assert "| 2 of 3 | 3 of 3 | 60% – 95% | +2.0 points | 1.50 | 0% – 50% |" in rows["range"]
+    assert "| 2 of 3 | 2 of 3 | 60% – 95% | +2.0 points | 1.50 | 0% – 50% |" in rows["range"]
     assert "×2 | 50% [40%, 50%] |" in rows["1"]
     assert "| 2 of 3 | 3 of 3 |" in rows["A"] and "0: 3 / 3 (1.00); 1: 9 10 / 9" in rows["A"]
 

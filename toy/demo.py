@@ -217,9 +217,10 @@ def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun
     findings = SeedFindings(
         seed=seed, features=[(f.layer, f.feature) for f in study.hesitation_features],
         necessary=study.necessary, sufficient=study.sufficient, necessary_rules=study.necessary_rules,
-        cut=study.changes["cut"], accuracy_delta=study.changes["accuracy_delta"],
-        clamped_hesitations=study.changes["clamped_hesitations"],
-        target_hesitations=study.conditions["target"]["rechecks"], clamp_scale=study.clamp_scale,
+        sufficient_rules=study.sufficient_rules, cut=study.changes["cut"],
+        accuracy_delta=study.changes["accuracy_delta"],
+        clamped_rechecks=study.changes["clamped_hesitations"],
+        target_rechecks=study.conditions["target"]["rechecks"], clamp_scale=study.clamp_scale,
         clamped_truncated=study.conditions["clamped"]["truncated"],
         kl_closed=evaluation["faithfulness"]["fraction_closed"],
         accuracy_gain_recovered=(evaluation.get("recovery") or {}).get("accuracy_gain_recovered"))
