@@ -228,6 +228,16 @@ class Thresholds:
     """Bootstrap resamples per interval."""
 
 
+ROUNDING = 1e-9
+"""Slack for comparing a figure with its bound: figures are ratios of counts (0.09 − 0.14 is
+−0.05000000000000001 in floating point), and a bound met exactly must not fail on the last bit."""
+
+
+def reaches(value: float, bound: float) -> bool:
+    """``value >= bound``, up to ``ROUNDING``."""
+    return value >= bound - ROUNDING
+
+
 def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Sequence[float | None],
                     t: Thresholds) -> dict[str, bool]:
     """Each of the three conditions of *necessary*; the verdict is their conjunction. An undefined
@@ -235,7 +245,7 @@ def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Seque
     lo = cut.ci95[0] if cut.ci95 is not None else None
     controls = [c for c in control_cuts if c is not None]
     return {
-        "cut": lo is not None and lo >= t.cut,
+        "cut": lo is not None and reaches(lo, t.cut),
         "accuracy": _accuracy_kept(accuracy_delta, t),
         "controls": lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile)),
     }
@@ -243,7 +253,7 @@ def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Seque
 
 def _accuracy_kept(accuracy_delta: Estimate, t: Thresholds) -> bool:
     """The accuracy change's lower bound is at least −``accuracy_tolerance``."""
-    return accuracy_delta.ci95 is not None and accuracy_delta.ci95[0] >= -t.accuracy_tolerance
+    return accuracy_delta.ci95 is not None and reaches(accuracy_delta.ci95[0], -t.accuracy_tolerance)
 
 
 def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_delta: Estimate,
@@ -254,7 +264,7 @@ def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_d
     bought by breaking the model are not the target's behaviour."""
     return {
         "rechecks": (added.ci95 is not None and target_rechecks is not None
-                     and added.ci95[0] >= t.sufficient_fraction * target_rechecks),
+                     and reaches(added.ci95[0], t.sufficient_fraction * target_rechecks)),
         "accuracy": _accuracy_kept(accuracy_delta, t),
     }
 

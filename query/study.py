@@ -683,7 +683,7 @@ def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
 def _accuracy_held(cfg: StudyConfig, reference: Figures, edited: Figures) -> bool:
     """Accuracy stays within the tolerance of the unedited model's (the adapted model's for an
     ablation, the hybrid's for a clamp)."""
-    return reference.accuracy is None or edited.accuracy >= reference.accuracy - cfg.accuracy_tolerance
+    return reference.accuracy is None or stats.reaches(edited.accuracy, reference.accuracy - cfg.accuracy_tolerance)
 
 
 # ---- the report ---------------------------------------------------------------------------------

@@ -184,6 +184,9 @@ def test_necessary_needs_every_rule():
     assert stats.necessity_rules(cut, acc, CONTROL_CUTS[:-1] + [0.95], RULES)["controls"]
     assert not stats.necessity_rules(cut, acc, CONTROL_CUTS[:-2] + [0.95, 0.95], RULES)["controls"]
     assert not stats.necessity_rules(cut, acc, [0.88] * 20, RULES)["controls"]  # above, not equal
+    # a bound met exactly holds, whatever the last bit of the float (0.09 − 0.14 < −0.05 in binary)
+    assert stats.necessity_rules(cut, Estimate(0.0, [0.09 - 0.14, 0.05]), CONTROL_CUTS, RULES)["accuracy"]
+    assert not stats.necessity_rules(cut, Estimate(0.0, [-0.051, 0.05]), CONTROL_CUTS, RULES)["accuracy"]
     # undefined figures meet nothing
     assert stats.necessity_rules(stats.NONE, stats.NONE, [], RULES) == {"cut": False, "accuracy": False,
                                                                          "controls": False}
