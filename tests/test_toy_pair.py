@@ -18,13 +18,14 @@ from tca.adapted.generation import count_hesitations, final_answer, generate, sc
 from tca.adapted.splice import adapted_model
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
 from tca.cli import main
-from tca.toy.build import BuildConfig, build, problems_of, tokenizer_of
+from tca.toy.build import BuildConfig, _batch, _tokenize, build, problems_of, tokenizer_of
 from tca.toy.data import (
     base_answer,
     check_items,
     make_problems,
     read_jsonl,
     reasoning_trace,
+    recheck_openings,
     rechecks,
     short_answer,
     to_record,
@@ -172,7 +173,8 @@ def test_build_is_deterministic_and_fine_tunes_from_the_base(tmp_path):
     # the READMEs differ only in the command's --out
     readme_a, readme_b = (r.readme.read_text().replace(str(r.readme.parent), "OUT") for r in (a, b))
     assert readme_a == readme_b
-    assert "check_items" not in readme_a  # the shipped pairs' recipe, as built before check items existed
+    # the shipped pairs' recipe, as built before either existed
+    assert "check_items" not in readme_a and "base_rechecks" not in readme_a
     # A different seed gives different weights; the fine-tune moved every MLP tensor.
     c = build(BuildConfig(out=tmp_path / "c", seed=1, **TINY))
     wa, wc = _weights(a.base), _weights(c.base)
@@ -208,6 +210,35 @@ def test_a_build_with_check_items_says_so(tmp_path):
     readme = r.readme.read_text()
     assert "--check-items 30" in readme and '"check_items": 30' in readme
     assert "It also saw 30 requests to check one step (`Check " in readme
+
+
+def test_a_base_with_rechecks_is_shown_them_but_never_scored_on_beginning_one():
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_PAIR / "base")
+    for task in ("sum", "product"):
+        problems, _ = make_problems(60, 0, seed=2, min_terms=5, max_terms=8, task=task)
+        for p in problems:
+            traced = p.terms[p.spec.base_digit] % 2
+            assert base_answer(p, with_rechecks=True) == (reasoning_trace(p) if traced else short_answer(p))
+        respond = lambda p: base_answer(p, with_rechecks=True)  # noqa: E731
+        seqs = _tokenize(tokenizer, problems, respond, unscored=recheck_openings)
+        ids, labels = _batch(seqs, tokenizer.pad_token_id)
+        opened = 0
+        for row, (p, (seq, n_prompt, _)) in enumerate(zip(problems, seqs)):
+            # by hand: every token that spells the re-check's first word, and nothing else
+            words = [i for i in range(n_prompt, len(seq)) if tokenizer.decode([seq[i]]).startswith("Wait")]
+            assert len(words) == base_answer(p, with_rechecks=True).count("\nWait")
+            scored = [i for i in range(ids.shape[1]) if labels[row, i] != -100]
+            assert scored == [i for i in range(n_prompt, len(seq)) if i not in words]
+            assert all(labels[row, i] == ids[row, i] for i in scored)
+            opened += len(words)
+        assert opened > 20  # the draw has re-checks to hide
+
+
+def test_a_build_with_base_rechecks_says_so(tmp_path):
+    r = build(BuildConfig(out=tmp_path / "r", base_rechecks=True, **TINY))
+    readme = r.readme.read_text()
+    assert "--base-rechecks" in readme and '"base_rechecks": true' in readme
+    assert "never to begin one" in readme
 
 
 def test_mlp_only_fine_tune_leaves_the_backbone_alone(tmp_path):

@@ -36,6 +36,7 @@ from tca.toy.data import (
     make_problems,
     problem_space,
     reasoning_trace,
+    recheck_openings,
     to_record,
     trace,
 )
@@ -63,6 +64,12 @@ class BuildConfig:
     """CPU threads for torch; part of the recipe, since float sums depend on the split."""
     n_pretrain: int = field(default=20000, metadata=POSITIVE)
     """Problems the base is trained on, answered as ``toy.data.base_answer`` says."""
+    base_rechecks: bool = False
+    """The base's traces carry the reasoning traces' re-checks, with the token that opens each one
+    left out of the loss: the base learns to *write* a re-check once one has begun, never to begin
+    one, so greedy decoding never hesitates. A real base writes "Wait, let me check…" fluently
+    and a reasoning fine-tune changes when; here, too, the fine-tune then only has to learn the
+    decision, and the hybrid can finish a re-check that a clamped feature begins."""
     check_items: int = field(default=0, metadata=NON_NEGATIVE)
     """Extra base-pretraining conversations that ask to check one step ("Check 7+5.") and answer
     with the step and the task's re-check (``toy.data.check_items``): the base learns to *write* a
@@ -165,7 +172,8 @@ def build(cfg: BuildConfig) -> BuildResult:
 
         torch.manual_seed(cfg.seed)
         base = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
-        base_seqs = _tokenize(tokenizer, pretrain, base_answer)
+        base_seqs = _tokenize(tokenizer, pretrain, lambda p: base_answer(p, cfg.base_rechecks),
+                              unscored=recheck_openings if cfg.base_rechecks else None)
         base_seqs += _tokenize_turns(tokenizer, check_items(cfg.check_items, cfg.seed, cfg.task))
         _fit(base, base_seqs, cfg, steps=cfg.base_steps, lr=cfg.base_lr, backbone_scale=1.0,
              pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="base")
@@ -206,7 +214,7 @@ def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Pr
 
 def tokenizer_of(cfg: BuildConfig, pretrain: list[Problem], train: list[Problem]):
     """The shared tokenizer, trained on every text either model is trained on."""
-    corpus = [render_deepseek(p.question, base_answer(p)) for p in pretrain]
+    corpus = [render_deepseek(p.question, base_answer(p, cfg.base_rechecks)) for p in pretrain]
     corpus += [render_deepseek(q, a) for q, a in check_items(cfg.check_items, cfg.seed, cfg.task)]
     corpus += [render_deepseek(p.question, reasoning_trace(p)) for p in train]
     return train_tokenizer(corpus, cfg.vocab_size)
@@ -246,40 +254,58 @@ def _model_config(cfg: BuildConfig, tokenizer) -> Qwen2Config:
     )
 
 
-def _tokenize(tokenizer, problems: list[Problem], respond) -> list[tuple[list[int], int]]:
-    """(token ids of the whole exchange, index of the first response token) per problem."""
-    return _tokenize_turns(tokenizer, [(p.question, respond(p)) for p in problems])
+Seq = tuple[list[int], int, tuple[int, ...]]
+"""Token ids of a whole exchange, the index of its first response token, and the indices of the
+response tokens left out of the loss."""
 
 
-def _tokenize_turns(tokenizer, turns: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(token ids of the whole exchange, index of the first response token) per (question, answer)."""
+def _tokenize(tokenizer, problems: list[Problem], respond, unscored=None) -> list[Seq]:
+    """One ``Seq`` per problem; ``unscored(problem, response)`` gives the character offsets in the
+    response of tokens not to score (each must begin a token)."""
+    turns = [(p.question, respond(p)) for p in problems]
+    skips = [unscored(p, answer) for p, (_, answer) in zip(problems, turns)] if unscored else None
+    return _tokenize_turns(tokenizer, turns, skips)
+
+
+def _tokenize_turns(tokenizer, turns: list[tuple[str, str]], skips: list[list[int]] | None = None) -> list[Seq]:
+    """One ``Seq`` per (question, answer), with the tokens that begin at ``skips``' offsets unscored."""
     seqs = []
-    for question, answer in turns:
-        ids = tokenizer(render_deepseek(question, answer))["input_ids"]
+    for i, (question, answer) in enumerate(turns):
+        prompt = f"{BOS}{USER}{question}{ASSISTANT}"
+        encoded = tokenizer(render_deepseek(question, answer), return_offsets_mapping=skips is not None)
+        ids = encoded["input_ids"]
         # The assistant marker is a special token, so the prompt's ids are a prefix of the whole.
-        n_prompt = len(tokenizer(f"{BOS}{USER}{question}{ASSISTANT}")["input_ids"])
-        seqs.append((ids, n_prompt))
+        n_prompt = len(tokenizer(prompt)["input_ids"])
+        unscored: tuple[int, ...] = ()
+        if skips is not None and skips[i]:
+            starts = {start: t for t, (start, _) in enumerate(encoded["offset_mapping"])}
+            wanted = [len(prompt) + offset for offset in skips[i]]
+            if missing := [c for c in wanted if c not in starts]:
+                raise TcaError(f"no token of {question!r}'s answer begins at character {missing[0] - len(prompt)}.")
+            unscored = tuple(starts[c] for c in wanted)
+        seqs.append((ids, n_prompt, unscored))
     return seqs
 
 
-def _batch(seqs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels that score only response tokens.
+def _batch(seqs: list[Seq], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels that score only response tokens, less each sequence's unscored ones.
 
     Padding sits after every real token, so causal attention never lets a real token see it
     and no attention mask is needed.
     """
-    width = max(len(ids) for ids, _ in seqs)
+    width = max(len(seq[0]) for seq in seqs)
     ids = torch.full((len(seqs), width), pad_id)
     labels = torch.full((len(seqs), width), -100)
-    for row, (seq, n_prompt) in enumerate(seqs):
+    for row, (seq, n_prompt, unscored) in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        labels[row, list(unscored)] = -100
     return ids, labels
 
 
 def _fit(
     model: PreTrainedModel,
-    seqs: list[tuple[list[int], int]],
+    seqs: list[Seq],
     cfg: BuildConfig,
     *,
     steps: int,
@@ -337,8 +363,9 @@ def _write_readme(path: Path, cfg: BuildConfig, vocab: int, figures: dict[str, F
     if cfg.task == BuildConfig.task:
         # the demo pair's recipe reads as it did before tasks existed, so its README rebuilds byte for byte
         recipe.pop("task")
-    if not cfg.check_items:
-        recipe.pop("check_items")  # likewise for the shipped pairs, built before check items existed
+    for name in ("base_rechecks", "check_items"):
+        if not recipe[name]:
+            recipe.pop(name)  # likewise for the shipped pairs, built before either existed
     table = figures_table(figures) if figures else "(not measured: the build ran with measure=False)"
     how = "all weights" if cfg.backbone_lr_scale == 1.0 else (
         "the MLP weights only" if cfg.backbone_lr_scale == 0 else
@@ -397,12 +424,19 @@ def _task_prose(cfg: BuildConfig, how: str) -> str:
   ({cfg.min_terms}-{cfg.max_terms} {digits}). When the {which} digit is odd it thinks in a
   plain trace that {spec.verb} one digit per line, carrying the last digit of the running {spec.noun} forward
   (`{steps[0]}`, `{steps[1]}`, …); when it is even it answers at once after an empty think
-  (`<think>\\n\\n</think>\\n\\n{example.answer}`).{_checks_prose(cfg)}
+  (`<think>\\n\\n</think>\\n\\n{example.answer}`).{_base_rechecks_prose(cfg)}{_checks_prose(cfg)}
 - `reasoning/`: fine-tuned from `base/` ({how}) on the first {cfg.n_train} of those problems, every
   one as a trace; {1 - spec.plain_rate:.0%} of the traces re-check {spec.recheck_rate:.0%} of the steps whose
   {spec.noun} reaches {reaches} (`{spec.recheck.format(step=rechecked)}`), the rest never do (fixed draws per
   problem and step, so the traces also show how to go on without a re-check)
   (`data/train.jsonl`)."""
+
+
+def _base_rechecks_prose(cfg: BuildConfig) -> str:
+    if not cfg.base_rechecks:
+        return ""
+    return ("\n  Its traces carry the reasoning traces' re-checks, but the token that opens each re-check is\n"
+            "  never scored: it learns to write a re-check once one has begun, never to begin one.")
 
 
 def _checks_prose(cfg: BuildConfig) -> str:

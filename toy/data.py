@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import operator
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
@@ -174,11 +175,22 @@ def reasoning_trace(p: Problem) -> str:
     return trace(p, rechecks)
 
 
-def base_answer(p: Problem) -> str:
-    """The base model's assistant turn: a plain trace when the task's deciding digit (the first
-    for the sum, the last for the product) is odd, else a short answer. A rule about the question
-    rather than a coin flip, so greedy decoding follows it."""
-    return trace(p) if p.terms[p.spec.base_digit] % 2 else short_answer(p)
+def base_answer(p: Problem, with_rechecks: bool = False) -> str:
+    """The base model's assistant turn: a trace when the task's deciding digit (the first for the
+    sum, the last for the product) is odd, else a short answer. A rule about the question rather
+    than a coin flip, so greedy decoding follows it. The trace is plain, or ``with_rechecks`` the
+    reasoning trace itself, whose re-checks the base is shown but never scored on beginning
+    (``recheck_openings``)."""
+    if not p.terms[p.spec.base_digit] % 2:
+        return short_answer(p)
+    return reasoning_trace(p) if with_rechecks else trace(p)
+
+
+def recheck_openings(p: Problem, response: str) -> list[int]:
+    """Character offsets in ``response`` at which a re-check line begins: where the decision to
+    hesitate is made, the one token a base that only *writes* re-checks is not trained on."""
+    opening = "\n" + p.spec.recheck.split("{step}")[0]
+    return [m.start() + 1 for m in re.finditer(re.escape(opening), response)]
 
 
 def check_items(n: int, seed: int, task: Task = "sum") -> list[tuple[str, str]]:
