@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +84,18 @@ def read_hf_tensors(model_dir: str | Path, keep: Callable[[str], bool]) -> dict[
 
 @dataclass
 class FeatureEdit:
-    """Set some features of one layer to a fixed value: 0 ablates, anything else clamps."""
+    """Set some features of one layer to a fixed value: 0 ablates, anything else clamps; or, with
+    ``relative``, scale them."""
 
     layer: int
     features: list[int]
     value: float = 0.0
     token_ids: frozenset[int] | None = None
     """Only at positions whose input token is one of these; None: at every position."""
+    relative: bool = False
+    """``value`` multiplies each feature's activation as the adapter's encoder computes it (in the
+    hybrid too, where no other feature is decoded) instead of replacing it: the features act where
+    they fire, at ``value`` times their own strength."""
 
 
 class AdaptedMLP(nn.Module):
@@ -102,6 +108,9 @@ class AdaptedMLP(nn.Module):
         self.acts_hooks: list[ActsHook] = []
         self.input_ids: Callable[[], torch.Tensor | None] = lambda: None
         """The ids of the tokens this forward runs on, [batch, seq] (set by ``adapted_model``)."""
+        self.encoded: Callable[[], torch.Tensor] = _outside_forward
+        """This forward's feature activations as the encoder computes them, before any edit; in
+        the hybrid computed only when an edit asks (set during ``forward``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "target":
@@ -113,13 +122,21 @@ class AdaptedMLP(nn.Module):
         xa = x.to(a.W_enc.dtype)
         if self.mode == "adapted":
             acts, bias = a.encode(xa), a.b_dec
+            encoded = acts
+            self.encoded = lambda: encoded
         else:  # hybrid with hooks: only what the hooks put in (clamped features) is decoded
             acts, bias = xa.new_zeros(*x.shape[:-1], a.cfg.n_features), None
+            self.encoded = functools.cache(lambda: a.encode(xa))
         for hook in self.acts_hooks:
             edited = hook(self, acts)
             if edited is not None:
                 acts = edited
+        self.encoded = _outside_forward  # holds no activations between forwards
         return out + decode(acts, a.W_dec, bias).to(out.dtype)
+
+
+def _outside_forward() -> torch.Tensor:
+    raise RuntimeError("feature activations are only available to edits during a forward")
 
 
 def adapted_model(
@@ -241,7 +258,10 @@ def _edit_hook(edit: FeatureEdit) -> ActsHook:
 
     def hook(mlp: AdaptedMLP, acts: torch.Tensor) -> torch.Tensor:
         idx = features.to(acts.device)
-        value = torch.full((*acts.shape[:-1], len(idx)), edit.value, dtype=acts.dtype, device=acts.device)
+        if edit.relative:
+            value = edit.value * mlp.encoded().index_select(-1, idx).to(acts.dtype)
+        else:
+            value = torch.full((*acts.shape[:-1], len(idx)), edit.value, dtype=acts.dtype, device=acts.device)
         if selected is not None:
             ids = mlp.input_ids()
             if ids is None:

@@ -19,9 +19,9 @@ The study finds them on one set of held-out prompts and judges them on another:
    accuracy stays within ``accuracy_tolerance`` of the unablated model and hesitations do not
    rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
-   multiple of their mean active value in ``clamp_scales``, at the positions where a hesitation
-   can begin (``clamp_at``: after the tokens at which the target predicts a hesitation word in the
-   selection traces). Sufficiency counts *re-checks*, not words: a hesitation word that opens a
+   multiple in ``clamp_scales`` of their own activation where they fire (``clamp_at`` fires), or of
+   their mean active value at the positions where a hesitation can begin (onsets: after the tokens
+   at which the target predicts a hesitation word in the selection traces). Sufficiency counts *re-checks*, not words: a hesitation word that opens a
    sentence or line and is followed by words ("Wait, let me check…";
    ``tca.adapted.generation.count_rechecks``), in a response that ends before
    ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
@@ -149,16 +149,20 @@ class StudyConfig:
     (widened by powers of it, and recorded, where no live feature of the layer is in range)."""
     clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
-    """Sufficient: clamp each feature at these multiples of its mean active value on the selection
-    part; the scale whose re-checks per response (``count_rechecks``; a response cut at
+    """Sufficient: clamp each feature at these multiples of its own activation (``clamp_at`` fires) or
+    of its mean active value (onsets, everywhere) on the selection part; the scale whose re-checks per response (``count_rechecks``; a response cut at
     ``max_new_tokens`` counts none) come closest to the target's there is judged on the verdict
     part. Fine steps between 1 and 2 because on the demo pair the clamp turns from too weak to
     forcing the word in that range."""
-    clamp_at: Literal["onsets", "everywhere"] = "onsets"
-    """Sufficient: where the clamp acts. ``onsets``: only at positions whose token precedes a
-    hesitation word where the target predicts one in the selection traces (on the demo pair the
-    line break), so the clamp can start a re-check but not overwrite the arithmetic; ``everywhere``:
-    at every position."""
+    clamp_at: Literal["onsets", "fires", "everywhere"] = "onsets"
+    """Sufficient: where, and at what strength, the clamp acts. ``onsets``: at scale × its mean
+    active value, at positions whose token precedes a hesitation word where the target predicts one
+    in the selection traces (on the demo pair the line break, including the one that ends the prompt
+    and those of the answer), so the clamp can start a re-check but not overwrite the arithmetic.
+    ``fires``: wherever the feature's encoder fires on the hybrid's own MLP input, at scale × that
+    activation, so the feature decides where as it does in the adapted model (the hybrid then differs
+    only by those features' share of the adapters' output, scaled). ``everywhere``: scale × the mean
+    active value at every position."""
     sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
     """Sufficient: the lower bound of the re-checks per response the clamp adds to the hybrid must
     reach this fraction of the target's."""
@@ -298,8 +302,10 @@ class StudyReport:
     selection_hybrid: Trial
     """The hybrid on the selection prompts: a clamp scale whose accuracy falls more than
     ``accuracy_tolerance`` below it is not chosen (unless every scale's does)."""
+    clamp_at: str
+    """Where the clamp acted (``StudyConfig.clamp_at``)."""
     clamp_tokens: list[int] | None
-    """The tokens after which the clamp acts (``clamp_at`` onsets), None: everywhere."""
+    """The tokens after which the clamp acts (``clamp_at`` onsets), None: wherever it fires, or everywhere."""
     clamp_pieces: list[str] | None
     """Those tokens as text."""
     necessity: list[Trial]
@@ -585,6 +591,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     onsets = _onsets(selection) if cfg.clamp_at == "onsets" else None
 
     def clamps(scale: float) -> list[FeatureEdit]:
+        if cfg.clamp_at == "fires":
+            return [FeatureEdit(layer, [f], scale, relative=True) for layer, f in clamped_set]
         return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean, onsets)
 
     sel_target, _ = run(selection, "target (selection)", "target", [], [])
@@ -644,6 +652,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
         verdict_docs=verdict.docs, n_positions=n_positions, total_features=total, candidates=candidates,
         n_passing=len(passing), selection_adapted=sel_adapted, selection_target=sel_target, selection_hybrid=sel_hybrid,
+        clamp_at=cfg.clamp_at,
         clamp_tokens=None if onsets is None else sorted(onsets),
         clamp_pieces=None if onsets is None else [tokenizer.decode([t]) for t in sorted(onsets)],
         necessity=necessity, search_met_cut=met,
@@ -764,8 +773,8 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
     added = ch["clamped_hesitations"]
     who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
     lines.append(
-        f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} their mean "
-        f"activation (the scale of the selection sweep closest to the target's re-checks there), {who} "
+        f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} "
+        f"{_clamp_basis(report)} (the scale of the selection sweep closest to the target's re-checks there), {who} "
         f"{adds} {as_text(added)} re-checks per response ({as_text(hybrid['rechecks'])} → "
         f"{as_text(clamped['rechecks'])}), while the hesitation words, counted anywhere, go "
         f"{as_text(hybrid['hesitations'])} → {as_text(clamped['hesitations'])} "
@@ -843,10 +852,8 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "![necessity](necessity.png)", "",
               _trials_table([report.selection_adapted] + report.necessity),
               "", "### The clamp sweep in the hybrid", "",
-              "Each feature is clamped at the given multiple of its mean active value, with every other adapter "
-              "feature off, " + ("at every position." if report.clamp_pieces is None else
-                                 "at the positions after " + ", ".join(repr(x) for x in report.clamp_pieces)
-                                 + " (where the target predicts a hesitation word in the selection traces)."),
+              f"Each feature is clamped at the given multiple of {_clamp_basis(report)}, with every other adapter "
+              "feature off, " + _clamp_where(report),
               "", "![sufficiency](sufficiency.png)", "",
               _trials_table([report.selection_target] + report.clamp_sweep), "",
               f"p(words): teacher-forced probability of {words} at the positions where the target predicts one; the "
@@ -868,6 +875,19 @@ def _shown(examples: list[str]) -> list[str]:
     for i, text in enumerate(examples):
         out += (["---"] if i else []) + text.strip("\n").splitlines()
     return out
+
+
+def _clamp_basis(report: StudyReport) -> str:
+    return "their own activation" if report.clamp_at == "fires" else "their mean active value"
+
+
+def _clamp_where(report: StudyReport) -> str:
+    if report.clamp_at == "fires":
+        return "wherever its encoder fires on the hybrid's MLP input."
+    if report.clamp_pieces is None:
+        return "at every position."
+    return ("at the positions after " + ", ".join(repr(x) for x in report.clamp_pieces)
+            + " (where the target predicts a hesitation word in the selection traces).")
 
 
 def _trials_table(trials: list[Trial]) -> str:
@@ -963,7 +983,7 @@ def _plot_sufficiency(report: StudyReport, path: Path) -> None:
     sweep.bar(names, values, color=colours)
     sweep.axhline(report.selection_target.rechecks, color="C2", ls="--", lw=1, label="target")
     sweep.legend(fontsize=7)
-    sweep.set_xlabel("clamp scale (× mean active value); orange: the one judged")
+    sweep.set_xlabel(f"clamp scale (× {_clamp_basis(report).removeprefix('their ')}); orange: the one judged")
     sweep.set_ylabel("re-checks / response")
     sweep.set_title("selection prompts: clamped in the hybrid", fontsize=9)
 

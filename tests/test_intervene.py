@@ -144,6 +144,33 @@ def test_clamp_sets_the_activation(world, mode):
                 torch.testing.assert_close(other["out"], _base_mlp(world, i)(other["x"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["adapted", "hybrid"])
+def test_relative_edit_scales_the_feature_where_it_fires(world, mode):
+    layer, scale = 1, 2.5
+    ad = world["aset"].adapters[layer]
+    model = _model(world)
+    set_mode(model, mode)
+    base_mlp = _base_mlp(world, layer)
+    batch = world["batches"][0]
+    seen, handle = _capture(model, layer)
+    with edits(model, [FeatureEdit(layer, [3, 6], scale, relative=True)]):
+        _logits(model, batch)
+    handle.remove()
+    with torch.no_grad():
+        x = seen["x"]
+        acts = torch.relu(x @ ad.W_enc + ad.b_enc)
+        scaled = acts[..., [3, 6]] * scale
+        assert (acts[..., 6] == 0).any() and (acts[..., 6] > 0).any()  # the draw fires at some positions only
+        if mode == "adapted":
+            acts[..., [3, 6]] = scaled
+            want = base_mlp(x) + acts @ ad.W_dec + ad.b_dec
+        else:  # the hybrid decodes the scaled features alone, without the decoder bias
+            want = base_mlp(x) + scaled @ ad.W_dec[[3, 6]]
+        torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="during a forward"):
+        model.model.layers[layer].mlp.encoded()
+
+
 def test_token_restricted_edits_change_only_those_positions(world):
     tok = world["tok"]
     (so,) = single_token_ids(tok, [" So"])
@@ -319,8 +346,8 @@ def test_cli_intervene_json(world):
     out = json.loads(res.stdout)
     (so,) = single_token_ids(world["tok"], [" So"])
     assert out["edits"] == [
-        {"layer": 1, "features": [3], "value": 0.0, "token_ids": [so]},
-        {"layer": 2, "features": [1], "value": 5.0, "token_ids": [so]},
+        {"layer": 1, "features": [3], "value": 0.0, "token_ids": [so], "relative": False},
+        {"layer": 2, "features": [1], "value": 5.0, "token_ids": [so], "relative": False},
     ]
     effect = out["effect"]
     assert out["measure"] == [" Wait", " So"] and effect["before"]["n"] == 2

@@ -333,6 +333,40 @@ def test_report_files(study):
 
 
 @slow
+def test_clamp_where_the_features_fire_is_the_hybrid_plus_their_scaled_share(study, tmp_path):
+    """``--clamp-at fires``: the clamped hybrid equals the base MLPs plus, added by a plain forward
+    hook, scale × each feature's own encoder activation × its decoder row."""
+    index = tmp_path / "copy.duckdb"
+    shutil.copy(study["index"], index)
+    res = CliRunner().invoke(main, [
+        "study", "hesitation", "--adapters", f"demo={study['run'].adapters}", "--base", str(DEMO_PAIR / "base"),
+        "--target", str(DEMO_PAIR / "reasoning"), "--data", str(VAL), "--index", str(index), "--out",
+        str(tmp_path / "out"), "--prompts", "12", "--max-new-tokens", str(NEW_TOKENS), "--max-features", "4",
+        "--attribution-tokens", "3000", "--clamp-scales", "2", "--clamp-at", "fires", "--controls", "2",
+        "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["clamp_at"] == "fires" and report["clamp_tokens"] is None and report["clamp_scale"] == 2
+    assert "wherever its encoder fires" in (tmp_path / "out" / "study.md").read_text()
+    model = load_adapted(study["run"].adapters, str(DEMO_PAIR / "base"), str(DEMO_PAIR / "reasoning"), device="cpu")
+    tok = target_tokenizer(str(DEMO_PAIR / "reasoning"))
+    handles = []
+    for layer, feature in report["sufficiency"][0]["features"]:
+        adapter = model.model.layers[layer].mlp.adapter
+
+        def hook(module, args, out, adapter=adapter, feature=feature):
+            acts = adapter.encode(args[0].to(adapter.W_enc.dtype))[..., feature]
+            return out + (2 * acts[..., None] * adapter.W_dec[feature]).to(out.dtype)
+        handles.append(model.model.layers[layer].mlp.register_forward_hook(hook))
+    records = _records(report["verdict_docs"])
+    with mode(model, "hybrid"):
+        responses = generate(model, tok, questions_of(records), max_new_tokens=NEW_TOKENS)
+    for h in handles:
+        h.remove()
+    assert score(tok, records, responses).__dict__ == report["sufficiency"][0]["figures"]
+
+
+@slow
 def test_study_refuses_an_adapter_name_the_index_lacks(study, tmp_path):
     index = tmp_path / "copy.duckdb"
     shutil.copy(study["index"], index)

@@ -218,26 +218,39 @@ def test_a_base_with_rechecks_is_shown_them_but_never_scored_on_beginning_one():
         problems, _ = make_problems(60, 0, seed=2, min_terms=5, max_terms=8, task=task)
         for p in problems:
             traced = p.terms[p.spec.base_digit] % 2
-            assert base_answer(p, with_rechecks=True) == (reasoning_trace(p) if traced else short_answer(p))
-        respond = lambda p: base_answer(p, with_rechecks=True)  # noqa: E731
+            assert base_answer(p, "eligible") == (reasoning_trace(p) if traced else short_answer(p))
+            written = base_answer(p, "any")
+            assert written == (trace(p, rechecks, every_step=True) if traced else short_answer(p))
+            # re-checks after small results too, each copying the step above it
+            lines = written.split("\n")
+            for i, line in enumerate(lines):
+                if line.startswith("Wait"):
+                    assert line == p.spec.recheck.format(step=lines[i - 1])
+            plain = [ln for ln in lines if not ln.startswith("Wait")]
+            assert "\n".join(plain) == (trace(p) if traced else short_answer(p))
+        respond = lambda p: base_answer(p, "any")  # noqa: E731
         seqs = _tokenize(tokenizer, problems, respond, unscored=recheck_openings)
         ids, labels = _batch(seqs, tokenizer.pad_token_id)
         opened = 0
         for row, (p, (seq, n_prompt, _)) in enumerate(zip(problems, seqs)):
             # by hand: every token that spells the re-check's first word, and nothing else
             words = [i for i in range(n_prompt, len(seq)) if tokenizer.decode([seq[i]]).startswith("Wait")]
-            assert len(words) == base_answer(p, with_rechecks=True).count("\nWait")
+            assert len(words) == base_answer(p, "any").count("\nWait")
             scored = [i for i in range(ids.shape[1]) if labels[row, i] != -100]
             assert scored == [i for i in range(n_prompt, len(seq)) if i not in words]
             assert all(labels[row, i] == ids[row, i] for i in scored)
             opened += len(words)
         assert opened > 20  # the draw has re-checks to hide
+        small = [p for p in problems if any(f"Wait, {'let me check:' if task == 'sum' else 'is'} {s}" in
+                 base_answer(p, "any") for s in trace(p).split("\n")[1:-3] if int(s.split("=")[1]) < 10)]
+        assert small  # after steps the reasoning traces never re-check, too
 
 
 def test_a_build_with_base_rechecks_says_so(tmp_path):
-    r = build(BuildConfig(out=tmp_path / "r", base_rechecks=True, **TINY))
+    r = build(BuildConfig(out=tmp_path / "r", base_rechecks="any", **TINY))
     readme = r.readme.read_text()
-    assert "--base-rechecks" in readme and '"base_rechecks": true' in readme
+    assert "--base-rechecks any" in readme and '"base_rechecks": "any"' in readme
+    assert "re-checks after any step" in readme
     assert "never to begin one" in readme
 
 

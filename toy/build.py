@@ -29,6 +29,7 @@ from tca.cache.template import ASSISTANT, BOS, USER, render_deepseek
 from tca.ranges import NON_NEGATIVE, POSITIVE, PROPORTION, check_ranges
 from tca.toy.data import (
     TASKS,
+    BaseRechecks,
     Problem,
     Task,
     base_answer,
@@ -64,12 +65,14 @@ class BuildConfig:
     """CPU threads for torch; part of the recipe, since float sums depend on the split."""
     n_pretrain: int = field(default=20000, metadata=POSITIVE)
     """Problems the base is trained on, answered as ``toy.data.base_answer`` says."""
-    base_rechecks: bool = False
-    """The base's traces carry the reasoning traces' re-checks, with the token that opens each one
-    left out of the loss: the base learns to *write* a re-check once one has begun, never to begin
-    one, so greedy decoding never hesitates. A real base writes "Wait, let me check…" fluently
-    and a reasoning fine-tune changes when; here, too, the fine-tune then only has to learn the
-    decision, and the hybrid can finish a re-check that a clamped feature begins."""
+    base_rechecks: BaseRechecks = "none"
+    """Whether the base's traces carry re-checks, with the token that opens each one left out of the
+    loss: "none"; "eligible", after the steps a reasoning trace may re-check (its own re-checks);
+    "any", after any step. The base then learns to *write* a re-check once one has begun, never to
+    begin one, so greedy decoding never hesitates: as a real base writes "Wait, let me check…"
+    fluently and a reasoning fine-tune changes when, the fine-tune only has to learn the decision,
+    and the hybrid can finish a re-check that a clamped feature begins (docs/study.md, On the demo
+    pair, has what each choice measured)."""
     check_items: int = field(default=0, metadata=NON_NEGATIVE)
     """Extra base-pretraining conversations that ask to check one step ("Check 7+5.") and answer
     with the step and the task's re-check (``toy.data.check_items``): the base learns to *write* a
@@ -173,7 +176,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         torch.manual_seed(cfg.seed)
         base = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
         base_seqs = _tokenize(tokenizer, pretrain, lambda p: base_answer(p, cfg.base_rechecks),
-                              unscored=recheck_openings if cfg.base_rechecks else None)
+                              unscored=None if cfg.base_rechecks == "none" else recheck_openings)
         base_seqs += _tokenize_turns(tokenizer, check_items(cfg.check_items, cfg.seed, cfg.task))
         _fit(base, base_seqs, cfg, steps=cfg.base_steps, lr=cfg.base_lr, backbone_scale=1.0,
              pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="base")
@@ -363,8 +366,8 @@ def _write_readme(path: Path, cfg: BuildConfig, vocab: int, figures: dict[str, F
     if cfg.task == BuildConfig.task:
         # the demo pair's recipe reads as it did before tasks existed, so its README rebuilds byte for byte
         recipe.pop("task")
-    for name in ("base_rechecks", "check_items"):
-        if not recipe[name]:
+    for name, unset in (("base_rechecks", "none"), ("check_items", 0)):
+        if recipe[name] == unset:
             recipe.pop(name)  # likewise for the shipped pairs, built before either existed
     table = figures_table(figures) if figures else "(not measured: the build ran with measure=False)"
     how = "all weights" if cfg.backbone_lr_scale == 1.0 else (
@@ -433,9 +436,10 @@ def _task_prose(cfg: BuildConfig, how: str) -> str:
 
 
 def _base_rechecks_prose(cfg: BuildConfig) -> str:
-    if not cfg.base_rechecks:
+    if cfg.base_rechecks == "none":
         return ""
-    return ("\n  Its traces carry the reasoning traces' re-checks, but the token that opens each re-check is\n"
+    where = "the steps the reasoning traces may re-check" if cfg.base_rechecks == "eligible" else "any step"
+    return (f"\n  Its traces carry re-checks after {where}, but the token that opens each re-check is\n"
             "  never scored: it learns to write a re-check once one has begun, never to begin one.")
 
 

@@ -156,15 +156,16 @@ def rechecks(p: Problem, step: int) -> bool:
     return random.Random(f"{p.id}/{step}").random() < p.spec.recheck_rate
 
 
-def trace(p: Problem, recheck: Callable[[Problem, int], bool] = lambda p, step: False) -> str:
-    """One step per line, a re-check after each eligible step that ``recheck(p, step)`` picks, the answer."""
+def trace(p: Problem, recheck: Callable[[Problem, int], bool] = lambda p, step: False, every_step: bool = False) -> str:
+    """One step per line, a re-check after each eligible step (``every_step``: after any step) that
+    ``recheck(p, step)`` picks, the answer."""
     spec, lines = p.spec, []
     digit = p.terms[0]
     for i, term in enumerate(p.terms[1:]):
         value = spec.apply(digit, term)
         step = f"{digit}{spec.op}{term}={value}"
         lines.append(step)
-        if value >= spec.recheck_from and recheck(p, i):
+        if (every_step or value >= spec.recheck_from) and recheck(p, i):
             lines.append(spec.recheck.format(step=step))
         digit = value % 10
     return f"{THINK_OPEN}\n" + "\n".join(lines) + f"\n{THINK_CLOSE}\n\n{p.answer}"
@@ -175,15 +176,22 @@ def reasoning_trace(p: Problem) -> str:
     return trace(p, rechecks)
 
 
-def base_answer(p: Problem, with_rechecks: bool = False) -> str:
+BaseRechecks = Literal["none", "eligible", "any"]
+
+
+def base_answer(p: Problem, rechecks_after: BaseRechecks = "none") -> str:
     """The base model's assistant turn: a trace when the task's deciding digit (the first for the
     sum, the last for the product) is odd, else a short answer. A rule about the question rather
-    than a coin flip, so greedy decoding follows it. The trace is plain, or ``with_rechecks`` the
-    reasoning trace itself, whose re-checks the base is shown but never scored on beginning
-    (``recheck_openings``)."""
+    than a coin flip, so greedy decoding follows it. The trace is plain (``rechecks_after`` "none"),
+    or carries re-checks drawn as the reasoning traces' are, after the steps they may follow
+    ("eligible": the reasoning trace itself) or after any step whatever its result ("any"). A base
+    trained on them is never scored on beginning one (``recheck_openings``): it is shown how to
+    write a re-check, and *when* to re-check is left to the fine-tune."""
     if not p.terms[p.spec.base_digit] % 2:
         return short_answer(p)
-    return reasoning_trace(p) if with_rechecks else trace(p)
+    if rechecks_after == "none":
+        return trace(p)
+    return trace(p, rechecks, every_step=rechecks_after == "any")
 
 
 def recheck_openings(p: Problem, response: str) -> list[int]:
