@@ -36,8 +36,8 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml

@@ -324,9 +324,11 @@ def test_shipped_pair_loads_and_its_tokenizer_round_trips(shipped):
     text = render_deepseek(question, response)
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text
-    # The builder trained on the ids of the tokenizer it trained in memory (each shipped pair is
-    # its task's default recipe); what AutoTokenizer loads from the folder must give the same ids.
-    cfg = BuildConfig(out=pair, task=task)
+    # The builder trained on the ids of the tokenizer it trained in memory, from the recipe its
+    # README records; what AutoTokenizer loads from the folder must give the same ids.
+    readme = (pair / "README.md").read_text()
+    recipe = json.loads(readme.split("The recipe")[1].split("```json\n")[1].split("```")[0])
+    cfg = BuildConfig(out=pair, **{"task": task, **recipe})
     pretrain, train, _ = problems_of(cfg)
     trained = tokenizer_of(cfg, pretrain, train)
     samples = [text] + [render_deepseek(p.question, short_answer(p)) for p in pretrain[:50]]
