@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -163,6 +164,11 @@ class StudyConfig:
     activation, so the feature decides where as it does in the adapted model (the hybrid then differs
     only by those features' share of the adapters' output, scaled). ``everywhere``: scale × the mean
     active value at every position."""
+    onset_share: float = field(default=0.05, metadata=PROPORTION)
+    """``clamp_at`` onsets: a token is an onset when at least this share of the positions where the
+    target predicts a hesitation word in the selection traces sit on it, so a token after which the
+    target predicts one once, by mistake (a digit, the end of a trace), does not make the clamp act
+    at every occurrence of it."""
     sufficient_fraction: float = field(default=0.25, metadata=PROPORTION)
     """Sufficient: the lower bound of the re-checks per response the clamp adds to the hybrid must
     reach this fraction of the target's."""
@@ -453,10 +459,13 @@ def _edit_sets(features: list[tuple[int, int]], value_of=lambda layer, f: 0.0,
     return [FeatureEdit(layer, [f], float(value_of(layer, f)), token_ids) for layer, f in features]
 
 
-def _onsets(part: _Part) -> frozenset[int]:
-    """The tokens at which the target predicts a hesitation word in the part's traces."""
-    return frozenset(t for batch, where in zip(part.batches, part.positions, strict=True)
+def _onsets(part: _Part, share: float) -> frozenset[int]:
+    """The tokens that hold at least ``share`` of the positions where the target predicts a
+    hesitation word in the part's traces."""
+    counts = Counter(t for batch, where in zip(part.batches, part.positions, strict=True)
                      for t in batch.input_ids.cpu()[where].tolist())
+    total = sum(counts.values())
+    return frozenset(t for t, n in counts.items() if n >= share * total)
 
 
 def _candidates(cfg: StudyConfig, name: str) -> list[Feature]:
@@ -588,7 +597,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     chosen = [(c.layer, c.feature) for c in hesitation]
     clamped_set = chosen or [(candidates[0].layer, candidates[0].feature)]
 
-    onsets = _onsets(selection) if cfg.clamp_at == "onsets" else None
+    onsets = _onsets(selection, cfg.onset_share) if cfg.clamp_at == "onsets" else None
 
     def clamps(scale: float) -> list[FeatureEdit]:
         if cfg.clamp_at == "fires":

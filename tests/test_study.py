@@ -155,7 +155,9 @@ def test_trials_equal_generation_with_the_same_edits(study):
         sel_batches = token_batches(path, tok, seq_len=1024, max_tokens=6000, batch=8)
     with mode(model, "target"):
         masks = predicted_positions(model, sel_batches, [tok.convert_tokens_to_ids("Wait")])
-    onsets = {t for b, m in zip(sel_batches, masks, strict=True) for t in b.input_ids[m].tolist()}
+    predicted = [t for b, m in zip(sel_batches, masks, strict=True) for t in b.input_ids[m].tolist()]
+    # an onset holds at least 5% of those positions
+    onsets = {t for t in set(predicted) if 100 * predicted.count(t) >= 5 * len(predicted)}
     assert onsets and report["clamp_tokens"] == sorted(onsets)
     onsets = frozenset(onsets)
     sweep = report["clamp_sweep"][0]
