@@ -14,6 +14,7 @@ from conftest import DEMO_PAIR
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tca import TcaError
 from tca.adapted.generation import count_hesitations, final_answer, generate, score
 from tca.adapted.splice import adapted_model
 from tca.cache.template import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER, render_deepseek
@@ -244,6 +245,12 @@ def test_a_base_with_rechecks_is_shown_them_but_never_scored_on_beginning_one():
         small = [p for p in problems if any(f"Wait, {'let me check:' if task == 'sum' else 'is'} {s}" in
                  base_answer(p, "any") for s in trace(p).split("\n")[1:-3] if int(s.split("=")[1]) < 10)]
         assert small  # after steps the reasoning traces never re-check, too
+
+
+def test_a_build_refuses_an_unknown_base_rechecks(tmp_path):
+    with pytest.raises(TcaError, match="base_rechecks must be one of none, eligible, any"):
+        build(BuildConfig(out=tmp_path / "x", base_rechecks="every", **TINY))
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_build_with_base_rechecks_says_so(tmp_path):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import get_args
 
 import torch
 from tqdm import tqdm
@@ -229,6 +230,8 @@ def _check(cfg: BuildConfig) -> None:
         raise TcaError(f"{out} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise TcaError(f"{out} is not empty; choose another --out or pass --overwrite to replace the pair in it.")
+    if cfg.base_rechecks not in get_args(BaseRechecks):
+        raise TcaError(f"base_rechecks must be one of {', '.join(get_args(BaseRechecks))}, not {cfg.base_rechecks!r}.")
     if cfg.n_train > cfg.n_pretrain:
         raise TcaError(f"n_train ({cfg.n_train}) cannot exceed n_pretrain ({cfg.n_pretrain}).")
     if not 1 <= cfg.min_terms <= cfg.max_terms:
