@@ -21,10 +21,10 @@ The study finds them on one set of held-out prompts and judges them on another:
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
    multiple in ``clamp_scales`` of their own activation where they fire (``clamp_at`` fires), or of
    their mean active value at the positions where a hesitation can begin (onsets: after the tokens
-   at which the target predicts a hesitation word in the selection traces). Sufficiency counts *re-checks*, not words: a hesitation word that opens a
-   sentence or line and is followed by words ("Wait, let me check…";
-   ``tca.adapted.generation.count_rechecks``), in a response that ends before
-   ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
+   at which the target predicts a hesitation word in the selection traces). Sufficiency counts
+   *re-checks*, not words: a hesitation word that opens a sentence or line and is followed by
+   words ("Wait, let me check…"; ``tca.adapted.generation.count_rechecks``), in a response that
+   ends before ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
    where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would take
    either for hesitation. The scale whose re-checks per response come closest to the target's on
    the same prompts, among the scales that keep the hybrid's accuracy there (within
@@ -151,10 +151,10 @@ class StudyConfig:
     clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its own activation (``clamp_at`` fires) or
-    of its mean active value (onsets, everywhere) on the selection part; the scale whose re-checks per response (``count_rechecks``; a response cut at
-    ``max_new_tokens`` counts none) come closest to the target's there is judged on the verdict
-    part. Fine steps between 1 and 2 because on the demo pair the clamp turns from too weak to
-    forcing the word in that range."""
+    of its mean active value (onsets, everywhere) on the selection part; the scale whose re-checks
+    per response (``count_rechecks``; a response cut at ``max_new_tokens`` counts none) come closest
+    to the target's there is judged on the verdict part. Fine steps between 1 and 2 because on the
+    demo pair the clamp turns from too weak to forcing the word in that range."""
     clamp_at: Literal["onsets", "fires", "everywhere"] = "onsets"
     """Sufficient: where, and at what strength, the clamp acts. ``onsets``: at scale × its mean
     active value, at positions whose token precedes a hesitation word where the target predicts one
