@@ -445,7 +445,10 @@ def study_hesitation(cfg, as_json) -> None:
     sets matched in activation frequency. Sufficient: clamping the set on in the hybrid brings at
     least --sufficient-fraction of the target's re-checks (a hesitation word opening a sentence,
     words after it, in a response that ends), lower bound again, without costing the hybrid more
-    than --accuracy-tolerance of accuracy. The report
+    than --accuracy-tolerance of accuracy, and beats random sets clamped the same way. When no
+    clamp scale of the set alone meets those rules on the selection half, up to --support-features
+    more adapter features (largest attribution first, each as the adapter computes it) join it
+    there, and the verdict judges the whole set. The report
     (study.md, study.json, necessity.png, sufficiency.png) goes to --out.
     """
     from tca.query.study import hesitation_study
@@ -467,6 +470,8 @@ def study_hesitation(cfg, as_json) -> None:
         else:
             click.echo("necessary: no; no candidate kept accuracy without raising hesitations")
         clamped = d["sufficiency"][0]
+        if d["support_features"]:
+            click.echo(f"support features clamped with them: {[tuple(x) for x in d['support_features']]}")
         click.echo(f"sufficient: {'yes' if d['sufficient'] else 'no'} ({clamped['name']}: "
                    f"{clamped['rechecks']:.2f} re-checks per response, "
                    f"{clamped['figures']['truncated']:.0%} cut at the token limit)")

@@ -34,7 +34,9 @@ class SeedFindings:
     necessary_rules: dict[str, bool]
     """Each rule of *necessary* (``cut``, ``accuracy``, ``controls``)."""
     sufficient_rules: dict[str, bool]
-    """Each rule of *sufficient* (``rechecks``, ``accuracy``)."""
+    """Each rule of *sufficient* (``rechecks``, ``accuracy``, ``controls``)."""
+    support: list[tuple[int, int]]
+    """The support features clamped with the hesitation features (empty: they were judged alone)."""
     cut: Estimate
     """Hesitations per response cut by ablating the features, verdict prompts, paired 95% interval."""
     accuracy_delta: Estimate
@@ -148,8 +150,9 @@ def _name(i: int) -> str:
 
 
 def stability_markdown(findings: list[SeedFindings], found: list[Direction], min_cosine: float,
-                       command: str) -> str:
-    """The stability table: per seed its findings, then the directions and where they recur."""
+                       command: str, support: list[Direction] = ()) -> str:
+    """The stability table: per seed its findings, then the directions of the hesitation features
+    and where they recur, then those of the support features that recur."""
     n = len(findings)
     name_of = {(s, d.layer, f): d.name for d in found for s, f in d.members}
     lines = [
@@ -171,7 +174,7 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         feats = ", ".join(f"({layer}, {f}) {name_of[(r.seed, layer, f)]}" for layer, f in r.features) or "none"
         lines.append(
             f"| {r.seed} | {feats} | {_verdict(r.necessary, r.necessary_rules)} | "
-            f"{_verdict(r.sufficient, r.sufficient_rules)} | {as_percent(r.cut)} | "
+            f"{_verdict(r.sufficient, r.sufficient_rules)}{_support(r.support)} | {as_percent(r.cut)} | "
             f"{as_points(r.accuracy_delta)} | {as_text(r.clamped_rechecks)} ({as_text(r.target_rechecks)}) "
             f"×{r.clamp_scale:g} | {as_percent(r.clamped_truncated)} | {_share(r.kl_closed, '.1%')} | "
             f"{_share(r.accuracy_gain_recovered, '.0%')} |")
@@ -189,7 +192,10 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "A `no` names the rules that failed. Necessary: `cut` (the cut's lower bound below the cut asked), "
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
         "95th percentile). Sufficient: `rechecks` (the re-checks the clamp adds, lower bound, below the fraction "
-        "of the target's asked), `accuracy` (the clamp costs the hybrid more than the tolerance). The clamp "
+        "of the target's asked), `accuracy` (the clamp costs the hybrid more than the tolerance), `controls` (not "
+        "above the 95th percentile of random sets clamped the same way). *+k support*: no scale of the hesitation "
+        "features alone met the rules on the selection prompts, so k support features were grown there and "
+        "clamped with them (each seed's study.md lists them and the search). The clamp "
         "column counts re-checks (a hesitation word opening a sentence or line, words after it, in a response "
         "that ends), not words, and shows the scale chosen on the selection prompts (each seed's study.md has "
         "the sweep over scales).",
@@ -205,21 +211,44 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "| cosine across seeds |",
         "|---|---:|---:|---:|---|---:|",
     ]
-    for d in found:
-        per = "; ".join(f"{p.seed}: {' '.join(map(str, p.chosen)) or '—'} / {p.feature} ({p.cosine:.2f})"
-                        for p in d.per_seed)
-        span = "—" if d.cosine is None else _range(d.cosine, ".2f")
-        lines.append(f"| {d.name} | {d.layer} | {d.chosen_in} of {n} | {d.present_in} of {n} | {per} | {span} |")
+    lines += [_direction_row(d, n) for d in found]
     if not found:
         lines.append("| none | | | | no seed chose a hesitation feature | |")
     lines.append("")
+    if support:
+        recurring = [d for d in support if d.chosen_in > 1]
+        per_seed = {r.seed: len(r.support) for r in findings}
+        lines += [
+            "## Support features across seeds",
+            "",
+            f"The support features ({', '.join(f'{k} in seed {s}' for s, k in per_seed.items())}) fall into "
+            f"{len(support)} directions, matched the same way; {len(recurring)} of them were grown in more than "
+            "one seed:",
+            "",
+            "| direction | layer | grown in | present in | per seed: grown / closest feature (cosine) "
+            "| cosine across seeds |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        lines += [_direction_row(d, n) for d in recurring]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _direction_row(d: Direction, n: int) -> str:
+    per = "; ".join(f"{p.seed}: {' '.join(map(str, p.chosen)) or '—'} / {p.feature} ({p.cosine:.2f})"
+                    for p in d.per_seed)
+    span = "—" if d.cosine is None else _range(d.cosine, ".2f")
+    return f"| {d.name} | {d.layer} | {d.chosen_in} of {n} | {d.present_in} of {n} | {per} | {span} |"
 
 
 def _verdict(passed: bool, rules: dict[str, bool]) -> str:
     """``yes``, or ``no`` with the rules that failed."""
     failed = ", ".join(k for k, ok in rules.items() if not ok)
     return "yes" if passed else f"no ({failed})" if failed else "no"
+
+
+def _support(support: list[tuple[int, int]]) -> str:
+    return f" (+{len(support)} support)" if support else ""
 
 
 def _share(x: float | None, fmt: str) -> str:

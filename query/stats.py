@@ -218,7 +218,8 @@ class Thresholds:
     accuracy_tolerance: float
     """Necessary and sufficient: the accuracy change's lower bound is at least minus this."""
     control_quantile: float
-    """Necessary: the cut's lower bound exceeds this quantile of the control sets' cuts."""
+    """Necessary: the cut's lower bound exceeds this quantile of the control sets' cuts; sufficient:
+    the added re-checks' lower bound exceeds this quantile of what the control sets add."""
     sufficient_fraction: float
     """Sufficient: the lower bound of the hesitations per response the clamp adds to the hybrid is
     at least this fraction of the target's hesitations per response."""
@@ -257,16 +258,32 @@ def _accuracy_kept(accuracy_delta: Estimate, t: Thresholds) -> bool:
 
 
 def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_delta: Estimate,
-                      t: Thresholds) -> dict[str, bool]:
+                      control_added: Sequence[float | None], t: Thresholds) -> dict[str, bool]:
     """Each condition of *sufficient*: the clamp adds, at its lower bound, at least
-    ``sufficient_fraction`` of the target's re-checks (``rechecks``), and the clamped hybrid's
+    ``sufficient_fraction`` of the target's re-checks (``rechecks``); the clamped hybrid's
     accuracy change's lower bound stays above −``accuracy_tolerance`` (``accuracy``): re-checks
-    bought by breaking the model are not the target's behaviour."""
+    bought by breaking the model are not the target's behaviour; and the lower bound exceeds the
+    ``control_quantile`` of what random sets clamped the same way add (``controls``)."""
+    lo = added.ci95[0] if added.ci95 is not None else None
+    controls = [c for c in control_added if c is not None]
     return {
-        "rechecks": (added.ci95 is not None and target_rechecks is not None
-                     and reaches(added.ci95[0], t.sufficient_fraction * target_rechecks)),
+        "rechecks": lo is not None and target_rechecks is not None
+        and reaches(lo, t.sufficient_fraction * target_rechecks),
         "accuracy": _accuracy_kept(accuracy_delta, t),
+        "controls": lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile)),
     }
+
+
+def sufficiency_shortfall(added: Estimate, target_rechecks: float, accuracy_delta: Estimate, t: Thresholds) -> float:
+    """How far a clamp falls short of the ``rechecks`` and ``accuracy`` rules of *sufficient*, 0
+    when it meets both: the missing re-checks at the lower bound as a share of the target's, plus
+    the missing accuracy at the lower bound. What the selection part minimises when it grows the
+    clamped set (the controls are drawn on the verdict part only)."""
+    if added.ci95 is None or accuracy_delta.ci95 is None or not target_rechecks:
+        return float("inf")
+    rechecks = max(0.0, t.sufficient_fraction * target_rechecks - added.ci95[0]) / target_rechecks
+    accuracy = max(0.0, -t.accuracy_tolerance - accuracy_delta.ci95[0])
+    return 0.0 if rechecks + accuracy <= ROUNDING else rechecks + accuracy
 
 
 def as_text(e: Estimate, fmt: str = ".2f") -> str:

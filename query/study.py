@@ -24,22 +24,28 @@ The study finds them on one set of held-out prompts and judges them on another:
    at which the target predicts a hesitation word in the selection traces). Sufficiency counts
    *re-checks*, not words: a hesitation word that opens a sentence or line and is followed by
    words ("Wait, let me check…"; ``tca.adapted.generation.count_rechecks``), in a response that
-   ends before ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write the word
-   where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would take
-   either for hesitation. The scale whose re-checks per response come closest to the target's on
-   the same prompts, among the scales that keep the hybrid's accuracy there (within
-   ``accuracy_tolerance``), is the one the verdict uses: the question is whether the features bring
-   back the target's behaviour, not how many words a clamp can force.
+   ends before ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write
+   the word where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would
+   take either for hesitation. Each scale's *shortfall* is how far it falls short of the
+   ``rechecks`` and ``accuracy`` rules of step 4 on the selection prompts; of the scales that meet
+   them, the one whose re-checks come closest to the target's is judged (none: the smallest
+   shortfall). When no scale meets them, *support features* (largest attribution of either sign
+   first, each as the adapter computes it) join the clamped set one at a time while the shortfall
+   falls, up to ``support_features``, and the scale is swept again with them: the question is
+   whether the features bring back the target's behaviour, with the fewest others it needs, not
+   how many words a clamp can force.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
    and ``controls`` random feature sets, each feature replaced by a live feature of its layer with
-   a matched activation frequency, ablated in the adapted model.
+   a matched activation frequency, ablated in the adapted model; and as many clamped in the hybrid
+   in place of the support features (or of the hesitation features, without support).
 4. **Necessary** when the cut's lower bound reaches ``cut``, the accuracy change's lower bound
    stays above −``accuracy_tolerance``, and the cut's lower bound exceeds the controls'
    ``control_quantile``. **Sufficient** when the lower bound of the re-checks per response the
-   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's, and the clamped
-   hybrid's accuracy change's lower bound stays above −``accuracy_tolerance``.
+   clamp adds to the hybrid reaches ``sufficient_fraction`` of the target's, the clamped hybrid's
+   accuracy change's lower bound stays above −``accuracy_tolerance``, and the first lower bound
+   exceeds the clamp controls' ``control_quantile``.
 5. **How few.** The hesitation features as a fraction of all the adapters' features.
 
 Everything is written to the output folder: ``study.json`` (every figure, and each verdict
@@ -57,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from tca import Device, ModelDtype, TcaError
@@ -148,14 +155,16 @@ class StudyConfig:
         default=1.5, metadata={"range": Range(1, None, low_open=True, words="above 1")})
     """Each control feature's activation frequency lies within ×/÷ this of the feature it replaces
     (widened by powers of it, and recorded, where no live feature of the layer is in range)."""
-    clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0],
+    clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its own activation (``clamp_at`` fires) or
-    of its mean active value (onsets, everywhere) on the selection part; the scale whose re-checks
-    per response (``count_rechecks``; a response cut at ``max_new_tokens`` counts none) come closest
-    to the target's there is judged on the verdict part. Fine steps between 1 and 2 because on the
-    demo pair the clamp turns from too weak to forcing the word in that range."""
-    clamp_at: Literal["onsets", "fires", "everywhere"] = "onsets"
+    of its mean active value (onsets, everywhere) on the selection part; of the scales that meet the
+    ``rechecks`` and ``accuracy`` rules there, the one whose re-checks per response
+    (``count_rechecks``; a response cut at ``max_new_tokens`` counts none) come closest to the
+    target's is judged on the verdict part (none meets them: the smallest shortfall). Fine steps
+    from 1 to 2 because on the demo pair the clamp turns from too weak to breaking the answers in
+    that range."""
+    clamp_at: Literal["onsets", "fires", "everywhere"] = "fires"
     """Sufficient: where, and at what strength, the clamp acts. ``onsets``: at scale × its mean
     active value, at positions whose token precedes a hesitation word where the target predicts one
     in the selection traces (on the demo pair the line break, including the one that ends the prompt
@@ -164,6 +173,15 @@ class StudyConfig:
     activation, so the feature decides where as it does in the adapted model (the hybrid then differs
     only by those features' share of the adapters' output, scaled). ``everywhere``: scale × the mean
     active value at every position."""
+    support_features: int = field(default=32, metadata=NON_NEGATIVE)
+    """Sufficient: when no scale of the hesitation features alone meets the ``rechecks`` and
+    ``accuracy`` rules on the selection part (their lower bounds, over selection prompts), the
+    clamped set grows by at most this many *support features*, each acting as the adapter computes
+    it (×1 where it fires). Tried in order of the size of their attribution (either sign: the set
+    must also stop re-checks where the target writes none), each joins when it brings the
+    selection part closer to the rules; the growth stops once the rules are met. The verdict then
+    judges the whole set on the verdict part, against random support sets of the same size. 0: the
+    hesitation features are judged alone."""
     onset_share: float = field(default=0.05, metadata=PROPORTION)
     """``clamp_at`` onsets: a token is an onset when at least this share of the positions where the
     target predicts a hesitation word in the selection traces sit on it, so a token after which the
@@ -232,8 +250,11 @@ class Trial:
     examples: list[str]
     """The first ``EXAMPLES`` responses as generated: what the counts count, to be read."""
     kept: bool = True
-    """Necessity trials: whether the newest candidate stayed in the ablated set (accuracy held
-    and hesitations did not rise)."""
+    """Necessity and support trials: whether the newest candidate stayed in the set (necessity:
+    accuracy held and hesitations did not rise; support: the shortfall fell)."""
+    shortfall: float | None = None
+    """Clamp trials on the selection part: how far the clamp falls short of the ``rechecks`` and
+    ``accuracy`` rules of *sufficient* there (``stats.sufficiency_shortfall``; 0: it meets both)."""
 
 
 @dataclass
@@ -274,15 +295,20 @@ class Doc:
 
 @dataclass
 class Control:
-    """One random feature set, matched in activation frequency, ablated on the verdict prompts."""
+    """One random feature set, matched in activation frequency, on the verdict prompts: ablated in
+    the adapted model (necessity) or clamped in the hybrid in place of the support features, or of
+    the hesitation features when there are none (sufficiency)."""
 
     features: list[tuple[int, int]]
     factor: list[float]
     """Per feature, the frequency factor it was drawn within (``control_frequency_ratio`` unless widened)."""
     trial: Trial
-    cut: float | None
-    """1 − its hesitations ÷ the unablated adapted model's."""
-    accuracy_delta: float | None
+    cut: float | None = None
+    """Necessity: 1 − its hesitations ÷ the unablated adapted model's."""
+    accuracy_delta: float | None = None
+    """Necessity: its accuracy − the adapted model's."""
+    added: float | None = None
+    """Sufficiency: re-checks per response it adds to the hybrid."""
 
 
 @dataclass
@@ -322,9 +348,17 @@ class StudyReport:
     """Whether the search's set reached ``cut`` on the selection prompts."""
     clamp_sweep: list[Trial]
     """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
+    support_search: list[Trial]
+    """Selection part, when no scale of ``clamp_sweep`` meets the rules: the hesitation features at
+    ×1 with the support features kept so far and the next candidate, one trial per candidate."""
+    support_features: list[tuple[int, int]]
+    """The support features clamped with the hesitation features (empty: judged alone)."""
+    support_sweep: list[Trial]
+    """Selection part: the hesitation features at each scale with the support features at ×1."""
     clamp_scale: float
-    """The scale of the sweep whose re-checks per response are closest to ``selection_target``'s
-    (the first listed on a tie)."""
+    """The hesitation features' scale judged: of the sweep that is judged (``support_sweep`` when
+    there are support features), the scale that meets the rules on the selection part with
+    re-checks closest to ``selection_target``'s; if none meets them, the smallest shortfall."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
@@ -340,7 +374,8 @@ class StudyReport:
     ablated: Trial | None
     """Verdict part: the hesitation features ablated in the adapted model."""
     sufficiency: list[Trial]
-    """Verdict part: the hesitation features clamped in the hybrid at ``clamp_scale`` (one trial)."""
+    """Verdict part: the hesitation features clamped in the hybrid at ``clamp_scale``, with the
+    support features (one trial)."""
     conditions: dict[str, dict[str, Estimate]]
     """Verdict part, per condition (target, hybrid, adapted, target_banned, ablated, clamped), per
     figure (accuracy, hesitations, rechecks, hesitating, mean_length, truncated, p_words): value
@@ -351,13 +386,17 @@ class StudyReport:
     response) and ``clamped_accuracy_delta`` (clamped − hybrid accuracy)."""
     controls: list[Control]
     control_spread: dict[str, dict[str, float | None]]
-    """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``."""
+    """Median and ``control_quantile`` of the controls' ``cut`` and ``accuracy_delta``, and of the
+    clamp controls' ``added``."""
+    clamp_controls: list[Control]
+    """Random sets clamped in the hybrid: the support features (or, without them, the hesitation
+    features) replaced by frequency-matched live features, never one the search could pick."""
     necessary: bool
     necessary_rules: dict[str, bool]
     """Each condition of *necessary*: ``cut``, ``accuracy``, ``controls``."""
     sufficient: bool
     sufficient_rules: dict[str, bool]
-    """Each condition of *sufficient*: ``rechecks``, ``accuracy``."""
+    """Each condition of *sufficient*: ``rechecks``, ``accuracy``, ``controls``."""
     hesitation_cut: float | None
     """``changes["cut"]``'s value."""
     accuracy_change: float | None
@@ -593,24 +632,62 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
             if 1 - trial.figures.hesitations / sel_adapted.figures.hesitations >= cfg.cut:
                 met = True
                 break
-    by_key = {(c.layer, c.feature): c for c in candidates}
     chosen = [(c.layer, c.feature) for c in hesitation]
     clamped_set = chosen or [(candidates[0].layer, candidates[0].feature)]
-
+    table = query(cfg.index, "SELECT layer, feature, frequency, mean FROM features WHERE adapter = $a ORDER BY ALL",
+                  {"a": name}).to_pydict()
+    means = {(l, f): m for l, f, m in zip(table["layer"], table["feature"], table["mean"], strict=True)}
     onsets = _onsets(selection, cfg.onset_share) if cfg.clamp_at == "onsets" else None
 
-    def clamps(scale: float) -> list[FeatureEdit]:
+    def clamps(scale: float, features: list[tuple[int, int]], support: list[tuple[int, int]] = ()
+               ) -> list[FeatureEdit]:
+        """``features`` clamped as ``clamp_at`` says at ``scale``; ``support`` as the adapter computes them."""
         if cfg.clamp_at == "fires":
-            return [FeatureEdit(layer, [f], scale, relative=True) for layer, f in clamped_set]
-        return _edit_sets(clamped_set, lambda layer, f: scale * by_key[(layer, f)].mean, onsets)
+            main = [FeatureEdit(layer, [f], scale, relative=True) for layer, f in features]
+        else:
+            main = _edit_sets(features, lambda layer, f: scale * means.get((layer, f), 0.0), onsets)
+        return main + [FeatureEdit(layer, [f], 1.0, relative=True) for layer, f in support]
 
     sel_target, _ = run(selection, "target (selection)", "target", [], [])
-    sel_hybrid, _ = run(selection, "hybrid (selection)", "hybrid", [], [])
-    sweep = [run(selection, f"clamp x{s:g} in the hybrid (selection)", "hybrid", clamped_set, clamps(s))[0]
-             for s in cfg.clamp_scales]
-    # a scale that costs the hybrid its answers is judged only when every scale does
-    held = [i for i, t in enumerate(sweep) if _accuracy_held(cfg, sel_hybrid.figures, t.figures)] or range(len(sweep))
-    scale = cfg.clamp_scales[min(held, key=lambda i: (abs(sweep[i].rechecks - sel_target.rechecks), i))]
+    sel_hybrid, sel_hybrid_out = run(selection, "hybrid (selection)", "hybrid", [], [])
+    sel_counts = stats.resample_counts(len(selection.records), cfg.resamples)
+
+    def clamp_trial(trial: str, support: list[tuple[int, int]], scale: float) -> Trial:
+        """The clamped hybrid on the selection part, with its shortfall against the rules."""
+        t, out = run(selection, trial, "hybrid", clamped_set + support, clamps(scale, clamped_set, support))
+        t.shortfall = stats.sufficiency_shortfall(
+            stats.paired_difference(out.rechecks, sel_hybrid_out.rechecks, sel_counts), sel_target.rechecks,
+            stats.paired_difference(out.correct, sel_hybrid_out.correct, sel_counts), thresholds)
+        return t
+
+    def sweep_scales(support: list[tuple[int, int]]) -> tuple[list[Trial], int]:
+        with_support = f" + {len(support)} support" if support else ""
+        trials = [clamp_trial(f"clamp x{s:g}{with_support} in the hybrid (selection)", support, s)
+                  for s in cfg.clamp_scales]
+        return trials, _judged_scale(trials, sel_target.rechecks)
+
+    sweep, pick = sweep_scales([])
+    support, support_search, support_sweep = [], [], []
+    if chosen and sweep[pick].shortfall > 0 and cfg.support_features:
+        current = (sweep[cfg.clamp_scales.index(1.0)] if 1.0 in cfg.clamp_scales
+                   else clamp_trial("clamp x1 in the hybrid (selection)", [], 1.0))
+        for layer, f in _support_pool(cfg, name, clamped_set):
+            if current.shortfall == 0 or len(support) == cfg.support_features:
+                break
+            trial = clamp_trial(f"x1 + support {len(support) + 1}: + ({layer}, {f})", support + [(layer, f)], 1.0)
+            trial.kept = trial.shortfall < current.shortfall
+            if not trial.kept:
+                trial.name += " (dropped: no closer)"
+            support_search.append(trial)
+            if trial.kept:
+                support, current = support + [(layer, f)], trial
+        if support:
+            support_sweep, support_pick = sweep_scales(support)
+            if support_sweep[support_pick].shortfall < sweep[pick].shortfall:
+                pick = support_pick
+            else:
+                support = []
+    scale = cfg.clamp_scales[pick]
 
     # ---- verdict: every figure a verdict uses, prompt by prompt
     per_prompt: dict[str, Outcomes] = {}
@@ -622,7 +699,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         ("target_banned", "target, words banned", "target", [], [], word_ids),
         *([("ablated", "adapted, hesitation features ablated", "adapted", chosen, _edit_sets(chosen), None)]
           if chosen else []),
-        ("clamped", f"hybrid, clamped x{scale:g}", "hybrid", clamped_set, clamps(scale), None),
+        ("clamped", f"hybrid, clamped x{scale:g}" + (f" + {len(support)} support" if support else ""), "hybrid",
+         clamped_set + support, clamps(scale, clamped_set, support), None),
     ]:
         trials[key], per_prompt[key] = run(verdict, trial_name, mode, features, feature_edits, banned)
     counts = stats.resample_counts(len(verdict.records), cfg.resamples)
@@ -632,30 +710,43 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         return (stats.cut(after.hesitations, adapted.hesitations, counts),
                 stats.paired_difference(after.correct, adapted.correct, counts))
 
-    controls = []
+    controls, clamp_controls = [], []
     if chosen:
-        table = query(cfg.index, "SELECT layer, feature, frequency FROM features WHERE adapter = $a ORDER BY ALL",
-                      {"a": name}).to_pydict()
         spliced = [i for i, layer in enumerate(table["layer"]) if layer in mlps]
-        draws = stats.matched_controls(
-            [table["layer"][i] for i in spliced], [table["feature"][i] for i in spliced],
-            [table["frequency"][i] for i in spliced], chosen, {(c.layer, c.feature) for c in passing},
-            cfg.controls, cfg.control_frequency_ratio, cfg.seed)
-        for i, draw in enumerate(draws, start=1):
+
+        def matched(replaced: list[tuple[int, int]], excluded: set[tuple[int, int]]) -> list[stats.ControlSet]:
+            return stats.matched_controls(
+                [table["layer"][i] for i in spliced], [table["feature"][i] for i in spliced],
+                [table["frequency"][i] for i in spliced], replaced, excluded, cfg.controls,
+                cfg.control_frequency_ratio, cfg.seed)
+
+        passing_keys = {(c.layer, c.feature) for c in passing}
+        for i, draw in enumerate(matched(chosen, passing_keys), start=1):
             key = f"control {i}"
             trial, per_prompt[key] = run(verdict, f"ablate random set {i} (control)", "adapted", draw.features,
                                          _edit_sets(draw.features))
             cut, acc = change(per_prompt[key])
-            controls.append(Control(draw.features, draw.factor, trial, cut.value, acc.value))
-            if any(f > cfg.control_frequency_ratio for f in draw.factor):
-                log.info("control %d: frequency range widened to x/÷ %s", i, max(draw.factor))
+            controls.append(Control(draw.features, draw.factor, trial, cut=cut.value, accuracy_delta=acc.value))
+        # random support sets keep the hesitation features; without support the hesitation features are replaced
+        tried = {tuple(t.features[-1]) for t in support_search}
+        for i, draw in enumerate(matched(support or chosen, passing_keys | tried | set(chosen)), start=1):
+            key = f"clamp control {i}"
+            kept, extra = (clamped_set, draw.features) if support else (draw.features, [])
+            trial, per_prompt[key] = run(verdict, f"clamp random set {i} (control)", "hybrid", kept + extra,
+                                         clamps(scale, kept, extra))
+            clamp_controls.append(Control(draw.features, draw.factor, trial, added=float(
+                np.mean(per_prompt[key].rechecks) - np.mean(per_prompt["hybrid"].rechecks))))
+        for i, c in enumerate(controls + clamp_controls, start=1):
+            if any(f > cfg.control_frequency_ratio for f in c.factor):
+                log.info("control set %d: frequency range widened to x/÷ %s", i, max(c.factor))
 
     conditions = {key: _figure_estimates(per_prompt[key], counts) for key in trials}
     cut, accuracy_delta = change(per_prompt["ablated"]) if chosen else (stats.NONE, stats.NONE)
     added = stats.paired_difference(per_prompt["clamped"].rechecks,
                                     per_prompt["hybrid"].rechecks, counts)
     clamped_accuracy = stats.paired_difference(per_prompt["clamped"].correct, per_prompt["hybrid"].correct, counts)
-    sufficiency = stats.sufficiency_rules(added, conditions["target"]["rechecks"].value, clamped_accuracy, thresholds)
+    sufficiency = stats.sufficiency_rules(added, conditions["target"]["rechecks"].value, clamped_accuracy,
+                                          [c.added for c in clamp_controls], thresholds)
     rules = stats.necessity_rules(cut, accuracy_delta, [c.cut for c in controls], thresholds)
     report = StudyReport(
         adapter=name, words=list(cfg.words), thresholds=thresholds, selection_docs=selection.docs,
@@ -665,7 +756,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         clamp_tokens=None if onsets is None else sorted(onsets),
         clamp_pieces=None if onsets is None else [tokenizer.decode([t]) for t in sorted(onsets)],
         necessity=necessity, search_met_cut=met,
-        clamp_sweep=sweep, clamp_scale=scale, hesitation_features=hesitation,
+        clamp_sweep=sweep, support_search=support_search, support_features=support, support_sweep=support_sweep,
+        clamp_scale=scale, hesitation_features=hesitation,
         baseline={k: trials[k].figures for k in ("target", "hybrid", "adapted")},
         baseline_p_words={k: trials[k].p_words for k in ("target", "hybrid", "adapted")},
         baseline_examples={k: trials[k].examples for k in ("target", "hybrid", "adapted")},
@@ -675,7 +767,9 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
                  "clamped_accuracy_delta": clamped_accuracy},
         controls=controls,
         control_spread={k: stats.spread([getattr(c, k) for c in controls], cfg.control_quantile)
-                        for k in ("cut", "accuracy_delta")},
+                        for k in ("cut", "accuracy_delta")}
+        | {"added": stats.spread([c.added for c in clamp_controls], cfg.control_quantile)},
+        clamp_controls=clamp_controls,
         necessary=bool(chosen) and all(rules.values()), necessary_rules=rules,
         sufficient=bool(chosen) and all(sufficiency.values()), sufficient_rules=sufficiency,
         hesitation_cut=cut.value, accuracy_change=accuracy_delta.value,
@@ -683,6 +777,25 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     )
     write_study(report, cfg)
     return report
+
+
+def _support_pool(cfg: StudyConfig, name: str, clamped: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ``max_features`` features with the largest attribution to the hesitation words, of either
+    sign, other than the clamped ones: those that raise the words where the target writes them,
+    and those that hold them down."""
+    words = ", ".join("'" + w.replace("'", "''") + "'" for w in cfg.words)
+    rows = query(cfg.index, f"""
+        SELECT layer, feature FROM attributions WHERE adapter = $adapter AND token IN ({words})
+        GROUP BY layer, feature HAVING sum(score) <> 0 ORDER BY abs(sum(score)) DESC, layer, feature
+    """, {"adapter": name}).to_pylist()
+    return [(r["layer"], r["feature"]) for r in rows if (r["layer"], r["feature"]) not in clamped][: cfg.max_features]
+
+
+def _judged_scale(trials: list[Trial], target_rechecks: float) -> int:
+    """The trial of a sweep to judge: among those that meet the rules on the selection part, the one
+    whose re-checks are closest to the target's; if none does, the smallest shortfall (then the
+    closest); the first listed on a tie."""
+    return min(range(len(trials)), key=lambda i: (trials[i].shortfall, abs(trials[i].rechecks - target_rechecks), i))
 
 
 def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
@@ -781,24 +894,33 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
             else t.sufficient_fraction * target["rechecks"].value)
     added = ch["clamped_hesitations"]
     who, adds = {0: ("the top candidate", "adds"), 1: ("this feature", "adds")}.get(n, (f"these {n} features", "add"))
-    lines.append(
+    k = len(report.support_features)
+    if k:
+        who, adds = (f"{who.removeprefix('these ')} with {k} support feature{'s' * (k > 1)} at ×1 "
+                     f"({', '.join(f'({l}, {f})' for l, f in report.support_features)}; grown on the selection "
+                     "prompts because no scale of the hesitation features alone met the rules there)"), "add"
+    rules = report.sufficient_rules
+    lo = None if added.ci95 is None else added.ci95[0]
+    lines += [
         f"- **Sufficient: {_yes(report.sufficient)}.** Clamped on in the hybrid at ×{report.clamp_scale:g} "
-        f"{_clamp_basis(report)} (the scale of the selection sweep closest to the target's re-checks there), {who} "
-        f"{adds} {as_text(added)} re-checks per response ({as_text(hybrid['rechecks'])} → "
-        f"{as_text(clamped['rechecks'])}), while the hesitation words, counted anywhere, go "
-        f"{as_text(hybrid['hesitations'])} → {as_text(clamped['hesitations'])} "
-        f"({as_text(clamped['truncated'], '.0%')} of clamped responses cut at the token limit). "
-        f"The lower bound must reach "
-        f"{t.sufficient_fraction:g} × the target's {as_text(target['rechecks'])} = {_num(need)}: "
-        f"{_yes(report.sufficient_rules['rechecks'])}. The clamped hybrid's accuracy changes by "
-        f"{as_points(ch['clamped_accuracy_delta'])} against the hybrid's; its lower bound must stay above "
-        f"−{100 * t.accuracy_tolerance:g} points (re-checks bought by breaking the model are not the target's "
-        f"behaviour): {_yes(report.sufficient_rules['accuracy'])}. Teacher-forced on the "
-        f"target's traces, the clamp moves p(words) from the hybrid's {as_text(hybrid['p_words'], '.3f')} to "
-        f"{as_text(clamped['p_words'], '.3f')} (target {as_text(target['p_words'], '.3f')}). Generation can only show "
-        f"hesitation where the hybrid writes a trace to hesitate in: its responses average "
-        f"{as_text(hybrid['mean_length'], '.1f')} tokens, the target's {as_text(target['mean_length'], '.1f')}."
-    )
+        f"{_clamp_basis(report)} (chosen on the selection prompts), {who} {adds} {as_text(added)} re-checks per "
+        f"response ({as_text(hybrid['rechecks'])} → {as_text(clamped['rechecks'])}); the hesitation words, counted "
+        f"anywhere, go {as_text(hybrid['hesitations'])} → {as_text(clamped['hesitations'])} "
+        f"({as_text(clamped['truncated'], '.0%')} of clamped responses cut at the token limit).",
+        f"  - the lower bound {_num(lo)} ≥ {t.sufficient_fraction:g} × the target's "
+        f"{as_text(target['rechecks'])} = {_num(need)}: {_yes(rules['rechecks'])}",
+        f"  - the clamped hybrid's accuracy change {as_points(ch['clamped_accuracy_delta'])} against the hybrid's, "
+        f"lower bound ≥ −{100 * t.accuracy_tolerance:g} points (re-checks bought by breaking the model are not the "
+        f"target's behaviour): {_yes(rules['accuracy'])}",
+        f"  - the lower bound above the {t.control_quantile:.0%} quantile of what {len(report.clamp_controls)} random "
+        f"{'support ' if k else ''}sets add, {_num(spread['added']['p95'])} (median "
+        f"{_num(spread['added']['median'])}): {_yes(rules['controls'])}",
+        f"  - teacher-forced on the target's traces, the clamp moves p(words) from the hybrid's "
+        f"{as_text(hybrid['p_words'], '.3f')} to {as_text(clamped['p_words'], '.3f')} (target "
+        f"{as_text(target['p_words'], '.3f')}). Generation can only show hesitation where the hybrid writes a trace "
+        f"to hesitate in: its responses average {as_text(hybrid['mean_length'], '.1f')} tokens, the target's "
+        f"{as_text(target['mean_length'], '.1f')}.",
+    ]
     lines += ["", "## Verdict conditions", "",
               f"On the {len(report.verdict_docs)} verdict prompts; each figure with its 95% interval.", "",
               "| condition | features | accuracy | mean length | truncated | hesitations / response "
@@ -843,6 +965,16 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
                          f"{c.trial.figures.hesitations:.2f} | {_acc(c.trial.figures.accuracy)} | {_frac(c.cut)} | "
                          f"{_signed_points(c.accuracy_delta)} |")
         lines.append("")
+    if report.clamp_controls:
+        replaced = "support features" if k else "hesitation features"
+        lines += [f"{len(report.clamp_controls)} random sets for sufficiency: the {replaced} replaced the same way "
+                  "(never a feature the support search tried), clamped as the verdict clamps them.", "",
+                  "| set | features | frequency range | re-checks / response | accuracy | re-checks added |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for i, c in enumerate(report.clamp_controls, start=1):
+            lines.append(f"| {i} | {' '.join(f'({l}, {f})' for l, f in c.features)} | ×/÷ {max(c.factor):g} | "
+                         f"{c.trial.rechecks:.2f} | {_acc(c.trial.figures.accuracy)} | {_num(c.added)} |")
+        lines.append("")
     lines += ["## Selection", "",
               f"Attribution ran over {report.n_positions} positions of the selection traces where the target predicts "
               "a hesitation word.", "",
@@ -870,12 +1002,33 @@ def study_markdown(report: StudyReport, cfg: StudyConfig) -> str:
               "response at each scale:", "",
               "```text", *[f"{t.name.split()[1]:>6}  {t.examples[0]!r}" for t in report.clamp_sweep if t.examples],
               "```", "",
+              *_support_section(report, words),
               "Find a feature's examples with `tca top INDEX LAYER FEATURE`, or in SQL:", "",
               "```sql",
               "SELECT * FROM attributions JOIN features USING (adapter, layer, feature)",
               f"WHERE adapter = '{report.adapter}' ORDER BY rank LIMIT 20;",
               "```", ""]
     return "\n".join(lines)
+
+
+def _support_section(report: StudyReport, words: str) -> list[str]:
+    if not report.support_search:
+        return []
+    rows = ["### The support search", "",
+            "No scale of the hesitation features alone met the rules of *sufficient* on the selection prompts "
+            "(shortfall: how far the lower bounds of the added re-checks and of the accuracy change fall short, "
+            "0 when both are met). So, at ×1, features of the largest attribution to " + words + ", of either sign, "
+            "join one at a time, each kept when the shortfall falls, until it reaches 0.", "",
+            "| trial | features | accuracy | re-checks / response | shortfall | kept |",
+            "|---|---:|---:|---:|---:|---|"]
+    for t, kept in [(t, _yes(t.kept)) for t in report.support_search] + [(t, "") for t in report.support_sweep]:
+        rows.append(f"| {t.name} | {t.n_features} | {_acc(t.figures.accuracy)} | {t.rechecks:.2f} | "
+                    f"{_num(t.shortfall, '.3f')} | {kept} |")
+    kept = (f"The {len(report.support_features)} kept are judged with the hesitation features at "
+            f"×{report.clamp_scale:g} (the last rows: the hesitation features' scale swept with them)."
+            ) if report.support_features else (
+            "With them no scale came closer to the rules than the hesitation features alone, which are judged alone.")
+    return rows + ["", kept, ""]
 
 
 def _shown(examples: list[str]) -> list[str]:

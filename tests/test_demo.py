@@ -60,6 +60,12 @@ def test_quick_demo_runs_every_stage_for_each_seed(tmp_path):
         assert (d["chosen_in"] == 2) == any(a in members and b in members for a, b in pairs)
     assert sorted((s, layer, f) for d in summary["stability"] for s, f in d["members"] for layer in [d["layer"]]) == \
         sorted((s, layer, f) for s in (0, 1) for layer, f in chosen[s])
+    support = {r["seed"]: r["support"] for r in summary["seeds"]}
+    assert all(record["support"] == study["support_features"] for record, study in zip(
+        summary["seeds"], [json.loads((out / f"seed-{s}" / "study" / "study.json").read_text()) for s in (0, 1)],
+        strict=True))
+    assert sorted((s, d["layer"], f) for d in summary["support_stability"] for s, f in d["members"]) == \
+        sorted((s, layer, f) for s in (0, 1) for layer, f in support[s])
 
     # the last screen is the stability table, with the seeds' rows and where everything is
     table = (out / "stability.md").read_text()

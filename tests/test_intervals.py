@@ -194,9 +194,10 @@ def test_necessary_needs_every_rule():
 
 def test_sufficient_needs_the_lower_bounds_of_the_added_rechecks_and_of_the_accuracy_change():
     target, held = 2.8, Estimate(0.0, [-0.05, 0.05])  # a quarter of the target: 0.7; tolerance 5 points
+    controls = [0.0] * 19 + [0.4]  # 95% quantile (linear): 0.02
 
     def rechecks(added, target=target, accuracy=held):
-        return stats.sufficiency_rules(added, target, accuracy, RULES)["rechecks"]
+        return stats.sufficiency_rules(added, target, accuracy, controls, RULES)["rechecks"]
 
     assert rechecks(Estimate(2.08, [1.7, 2.4]))
     assert rechecks(Estimate(1.0, [0.7, 1.3]))
@@ -205,6 +206,24 @@ def test_sufficient_needs_the_lower_bounds_of_the_added_rechecks_and_of_the_accu
     assert not rechecks(Estimate(1.0, [0.8, 1.3]), target=None)
     # re-checks that cost the hybrid its answers do not count as the target's behaviour
     added = Estimate(2.0, [1.8, 2.3])
-    assert stats.sufficiency_rules(added, target, held, RULES) == {"rechecks": True, "accuracy": True}
-    assert stats.sufficiency_rules(added, target, Estimate(-0.12, [-0.2, -0.051]), RULES)["accuracy"] is False
-    assert stats.sufficiency_rules(added, target, stats.NONE, RULES)["accuracy"] is False
+    assert stats.sufficiency_rules(added, target, held, controls, RULES) == {"rechecks": True, "accuracy": True,
+                                                                             "controls": True}
+    assert stats.sufficiency_rules(added, target, Estimate(-0.12, [-0.2, -0.051]), controls,
+                                   RULES)["accuracy"] is False
+    assert stats.sufficiency_rules(added, target, stats.NONE, controls, RULES)["accuracy"] is False
+    # the lower bound must beat what random sets clamped the same way add; no controls meet nothing
+    assert stats.sufficiency_rules(added, target, held, [1.0] * 18 + [1.9, 2.0], RULES)["controls"] is False
+    assert stats.sufficiency_rules(added, target, held, [1.0] * 19 + [1.79], RULES)["controls"] is True
+    assert stats.sufficiency_rules(added, target, held, [], RULES)["controls"] is False
+
+
+def test_the_shortfall_is_zero_exactly_when_both_interval_rules_are_met():
+    target = 2.8  # needs 0.7 added at the lower bound, accuracy lower bound >= -0.05
+    met = stats.sufficiency_shortfall(Estimate(1.0, [0.7, 1.3]), target, Estimate(0.0, [-0.05, 0.05]), RULES)
+    assert met == 0.0
+    short = stats.sufficiency_shortfall(Estimate(1.0, [0.42, 1.3]), target, Estimate(-0.1, [-0.15, 0.0]), RULES)
+    assert short == pytest.approx((0.7 - 0.42) / 2.8 + 0.10)
+    # each part counts only where its rule fails
+    assert stats.sufficiency_shortfall(Estimate(3.0, [2.5, 3.5]), target, Estimate(-0.1, [-0.2, 0.0]),
+                                       RULES) == pytest.approx(0.15)
+    assert stats.sufficiency_shortfall(stats.NONE, target, Estimate(0.0, [-0.05, 0.05]), RULES) == float("inf")

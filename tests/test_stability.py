@@ -83,7 +83,8 @@ def _finding(seed: int, cut: float, necessary: bool, features, truncated: float 
     return SeedFindings(
         seed=seed, features=features, necessary=necessary, sufficient=sufficient,
         necessary_rules={"cut": necessary, "accuracy": True, "controls": True},
-        sufficient_rules={"rechecks": True, "accuracy": sufficient},
+        sufficient_rules={"rechecks": True, "accuracy": sufficient, "controls": True},
+        support=[(0, 5)] if seed == 1 else [],
         cut=Estimate(cut, [cut - 0.1, min(cut + 0.1, 1.0)]), accuracy_delta=Estimate(0.02, [-0.01, 0.05]),
         clamped_rechecks=Estimate(1.5, [1.2, 1.8]), target_rechecks=Estimate(2.8, [2.6, 3.0]),
         clamp_scale=2.0, clamped_truncated=Estimate(truncated, [max(truncated - 0.1, 0.0), truncated]),
@@ -100,10 +101,27 @@ def test_markdown_names_each_seeds_features_and_the_ranges():
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "(1, 9) A, (1, 10) A" in rows["1"] and "(0, 2) B, (1, 7) C" in rows["2"]
     assert "| no (cut) | no (accuracy) |" in rows["2"] and "| yes | yes |" in rows["0"]
+    assert "| yes (+1 support) |" in rows["1"]
     # the range row: verdict counts and min-max of each figure over the seeds
     assert "| 2 of 3 | 2 of 3 | 60% – 95% | +2.0 points | 1.50 | 0% – 50% |" in rows["range"]
     assert "×2 | 50% [40%, 50%] |" in rows["1"]
     assert "| 2 of 3 | 3 of 3 |" in rows["A"] and "0: 3 / 3 (1.00); 1: 9 10 / 9" in rows["A"]
+    assert "## Support features" not in text
+
+
+def test_markdown_lists_the_support_directions_grown_in_more_than_one_seed():
+    dec, chosen = _seeds()
+    # the same picks as support sets: seeds 0 and 1 share direction A, seed 2's two are its own
+    support = directions(dec, chosen)
+    findings = [_finding(s, 0.95, True, chosen[s]) for s in range(3)]
+    for f in findings:
+        f.support = chosen[f.seed]
+    text = stability_markdown(findings, support, 0.9, "tca demo --seeds 3", support)
+    section = text.split("## Support features across seeds")[1]
+    assert "(1 in seed 0, 2 in seed 1, 2 in seed 2) fall into 3 directions" in section
+    assert "1 of them were grown in more than one seed" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| direction")]
+    assert len(rows) == 1 and rows[0].startswith("| A | 1 | 2 of 3 | 3 of 3 | 0: 3 / 3 (1.00); 1: 9 10 / 9")
 
 
 def test_direction_is_json_ready():

