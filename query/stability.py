@@ -95,12 +95,12 @@ def unit_rows(W_dec: torch.Tensor) -> torch.Tensor:
 
 
 def directions(decoders: dict[int, dict[int, torch.Tensor]], chosen: dict[int, list[tuple[int, int]]],
-               min_cosine: float = 0.9) -> list[Direction]:
+               min_cosine: float = 0.9, prefix: str = "") -> list[Direction]:
     """Group the seeds' hesitation features into directions.
 
     ``decoders[seed][layer]`` is that seed's ``W_dec`` [F, d]; ``chosen[seed]`` its hesitation
     features as (layer, feature). Directions come out most recurrent first (then by layer and
-    first member), named A, B, … in that order.
+    first member), named A, B, … in that order, after ``prefix`` (so two groupings' names differ).
     """
     unit = {s: {layer: unit_rows(w) for layer, w in by_layer.items()} for s, by_layer in decoders.items()}
     nodes = sorted({(s, layer, f) for s, feats in chosen.items() for layer, f in feats})
@@ -139,7 +139,7 @@ def directions(decoders: dict[int, dict[int, torch.Tensor]], chosen: dict[int, l
             cosine=[min(across), max(across)] if across else None))
     found.sort(key=lambda d: (-d.chosen_in, d.layer, d.members[0]))
     for i, d in enumerate(found):
-        d.name = _name(i)
+        d.name = prefix + _name(i)
     return found
 
 

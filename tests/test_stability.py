@@ -112,16 +112,16 @@ def test_markdown_names_each_seeds_features_and_the_ranges():
 def test_markdown_lists_the_support_directions_grown_in_more_than_one_seed():
     dec, chosen = _seeds()
     # the same picks as support sets: seeds 0 and 1 share direction A, seed 2's two are its own
-    support = directions(dec, chosen)
+    support = directions(dec, chosen, prefix="S")
     findings = [_finding(s, 0.95, True, chosen[s]) for s in range(3)]
     for f in findings:
         f.support = chosen[f.seed]
-    text = stability_markdown(findings, support, 0.9, "tca demo --seeds 3", support)
+    text = stability_markdown(findings, directions(dec, chosen), 0.9, "tca demo --seeds 3", support)
     section = text.split("## Support features across seeds")[1]
     assert "(1 in seed 0, 2 in seed 1, 2 in seed 2) fall into 3 directions" in section
     assert "1 of them were grown in more than one seed" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| direction")]
-    assert len(rows) == 1 and rows[0].startswith("| A | 1 | 2 of 3 | 3 of 3 | 0: 3 / 3 (1.00); 1: 9 10 / 9")
+    assert len(rows) == 1 and rows[0].startswith("| SA | 1 | 2 of 3 | 3 of 3 | 0: 3 / 3 (1.00); 1: 9 10 / 9")
 
 
 def test_direction_is_json_ready():

@@ -83,8 +83,8 @@ class DemoConfig:
     def scaled(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return replace(self, harvest_tokens=12_000, refine_tokens=4_000, eval_prompts=16, study_prompts=16,
-                       study_features=4, max_new_tokens=120)
+        return replace(self, harvest_tokens=12_000, refine_tokens=4_000, eval_prompts=16, study_prompts=32,
+                       study_features=8, max_new_tokens=120)
 
     def __post_init__(self):
         check_ranges(self)
@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     decoders = {r.findings.seed: {layer: a.W_dec for layer, a in load_adapters(r.paths["final"]).adapters.items()}
                 for r in runs}
     found = directions(decoders, {r.findings.seed: r.findings.features for r in runs}, cfg.match_cosine)
-    support = directions(decoders, {r.findings.seed: r.findings.support for r in runs}, cfg.match_cosine)
+    support = directions(decoders, {r.findings.seed: r.findings.support for r in runs}, cfg.match_cosine, "S")
     stability = out / "stability.md"
     stability.write_text(stability_markdown([r.findings for r in runs], found, cfg.match_cosine, command, support))
 
