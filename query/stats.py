@@ -244,12 +244,17 @@ def necessity_rules(cut: Estimate, accuracy_delta: Estimate, control_cuts: Seque
     """Each of the three conditions of *necessary*; the verdict is their conjunction. An undefined
     figure or interval meets no rule."""
     lo = cut.ci95[0] if cut.ci95 is not None else None
-    controls = [c for c in control_cuts if c is not None]
     return {
         "cut": lo is not None and reaches(lo, t.cut),
         "accuracy": _accuracy_kept(accuracy_delta, t),
-        "controls": lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile)),
+        "controls": _beats_controls(lo, control_cuts, t),
     }
+
+
+def _beats_controls(lo: float | None, control_values: Sequence[float | None], t: Thresholds) -> bool:
+    """A lower bound above the ``control_quantile`` of the control sets' defined values (none: fails)."""
+    controls = [c for c in control_values if c is not None]
+    return lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile))
 
 
 def _accuracy_kept(accuracy_delta: Estimate, t: Thresholds) -> bool:
@@ -265,12 +270,11 @@ def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_d
     bought by breaking the model are not the target's behaviour; and the lower bound exceeds the
     ``control_quantile`` of what random sets clamped the same way add (``controls``)."""
     lo = added.ci95[0] if added.ci95 is not None else None
-    controls = [c for c in control_added if c is not None]
     return {
         "rechecks": lo is not None and target_rechecks is not None
         and reaches(lo, t.sufficient_fraction * target_rechecks),
         "accuracy": _accuracy_kept(accuracy_delta, t),
-        "controls": lo is not None and bool(controls) and lo > float(np.quantile(controls, t.control_quantile)),
+        "controls": _beats_controls(lo, control_added, t),
     }
 
 
