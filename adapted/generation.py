@@ -24,8 +24,10 @@ from functools import lru_cache
 
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tca import TcaError
+from tca.adapted.splice import paired
 from tca.cache.memory import Workload
 from tca.cache.template import THINK_CLOSE, render_deepseek
 
@@ -298,6 +300,15 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _FollowSecondHalf(LogitsProcessor):
+    """Patched generation: the first half of the rows (the adapted model, the activations'
+    source) takes the second half's scores, so both write the patched model's text."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        half = scores.shape[0] // 2
+        return torch.cat([scores[half:], scores[half:]])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -310,7 +321,9 @@ def generate(
     banned: list[int] | None = None,
 ) -> list[Response]:
     """Greedy responses to ``questions``, each ended at its first stop token (``stop_ids``) or
-    cut at ``max_new_tokens``; ``banned`` token ids are never generated."""
+    cut at ``max_new_tokens``; ``banned`` token ids are never generated. A model in ``patched``
+    mode (``tca.adapted.splice``) generates each prompt twice in one batch, the adapted copy
+    following the patched copy's tokens, and the patched copy's responses are returned."""
     tokenizer.padding_side = "left"
     stops = stop_ids(model, tokenizer)
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, stops[0]) if t is not None)
@@ -319,10 +332,16 @@ def generate(
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
         prompts = [render_deepseek(q) for q in questions[start : start + batch_size]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        twice = paired(model)
+        if twice:
+            batch = {k: torch.cat([v, v]) for k, v in batch.items()}
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad,
             bad_words_ids=[[t] for t in banned] if banned else None,
+            logits_processor=LogitsProcessorList([_FollowSecondHalf()]) if twice else None,
         )
+        if twice:
+            out = out[out.shape[0] // 2 :]
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
             # a row that never stopped ran all max_new_tokens steps: nothing in it is padding

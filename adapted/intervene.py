@@ -39,7 +39,7 @@ from tca.adapted.batches import TokenBatch, token_batches
 from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.evaluate import prompt_records
 from tca.adapted.generation import HESITATION_WORDS, Figures, check_words, generate, questions_of, score, workload
-from tca.adapted.splice import FeatureEdit, edits, load_adapted, target_tokenizer
+from tca.adapted.splice import FeatureEdit, edits, load_adapted, paired, target_tokenizer
 from tca.cache.threads import DEFAULT_THREADS, command_threads
 from tca.ranges import NON_NEGATIVE, POSITIVE, at_least, check_ranges
 from tca.train.metrics import next_token_kl
@@ -100,9 +100,13 @@ def split_words(text: str) -> list[str]:
 
 
 def forward_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """The model's logits [B, T, V] on a batch (moved to the model's device)."""
+    """The model's logits [B, T, V] on a batch (moved to the model's device); in ``patched`` mode
+    the patched copy's, the batch run twice."""
     device = next(model.parameters()).device
     batch = batch.to(device)
+    if paired(model):
+        twice = [torch.cat([t, t]) for t in (batch.input_ids, batch.attention_mask)]
+        return model(input_ids=twice[0], attention_mask=twice[1]).logits[batch.input_ids.shape[0]:]
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 

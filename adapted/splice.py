@@ -6,6 +6,14 @@ Every MLP of the target is replaced by an ``AdaptedMLP`` whose ``mode`` picks wh
     hybrid    MLP_base(x)                     the baseline: adapters off
     target    MLP_target(x)                   only with ``keep_target=True`` (refinement,
                                               cut-off models and exact-difference tests)
+    patched   first half of the batch: adapted; second half: hybrid plus what the edits
+              put in, reading each feature's activation from the first half's same row
+
+``patched`` is activation patching: the batch carries each sequence twice, and the edited
+hybrid rows take a feature's activation as the adapted model computes it on the same text, so
+the feature acts where and as strongly as the adapter would have it, without the features
+upstream that make it fire. ``forward_logits`` and ``generate`` double the batch and keep the
+second half (in generation the first half follows the second's tokens).
 
 ``set_mode`` switches all layers or some, so the mixed models of end-to-end refinement
 ("adapted below k, target from k") are one call away. Feature edits (ablate, clamp) and
@@ -51,7 +59,7 @@ from tca.train.adapter import Adapter, decode
 from tca.train.checkpoint import AdapterSet, load_adapters
 
 MLP_KEY = "model.layers.{}.mlp."
-MODES = ("adapted", "hybrid", "target")
+MODES = ("adapted", "hybrid", "target", "patched")
 
 ActsHook = Callable[["AdaptedMLP", torch.Tensor], "torch.Tensor | None"]
 """Called with the layer's module and its feature activations [..., F]; a returned tensor
@@ -120,6 +128,8 @@ class AdaptedMLP(nn.Module):
             return out
         a = self.adapter
         xa = x.to(a.W_enc.dtype)
+        if self.mode == "patched":
+            return out + self._patched(xa).to(out.dtype)
         if self.mode == "adapted":
             acts, bias = a.encode(xa), a.b_dec
             encoded = acts
@@ -133,6 +143,28 @@ class AdaptedMLP(nn.Module):
                 acts = edited
         self.encoded = _outside_forward  # holds no activations between forwards
         return out + decode(acts, a.W_dec, bias).to(out.dtype)
+
+
+    def _patched(self, xa: torch.Tensor) -> torch.Tensor:
+        """The adapter's output in ``patched`` mode: the full adapter on the first half of the
+        rows, the edits alone on the second, with the first half's activations as ``encoded``."""
+        a, half = self.adapter, xa.shape[0] // 2
+        if xa.shape[0] != 2 * half:
+            raise ValueError("patched mode reads the batch as two copies of each sequence; its size must be even")
+        source = a.encode(xa[:half])
+        self.encoded = lambda: source
+        acts = torch.zeros_like(source)
+        for hook in self.acts_hooks:
+            edited = hook(self, acts)
+            if edited is not None:
+                acts = edited
+        self.encoded = _outside_forward
+        return torch.cat([decode(source, a.W_dec, a.b_dec), decode(acts, a.W_dec, None)])
+
+
+def paired(model: nn.Module) -> bool:
+    """Whether the model reads its batches as two copies (some layer in ``patched`` mode)."""
+    return any(m.mode == "patched" for m in adapted_mlps(model).values())
 
 
 def _outside_forward() -> torch.Tensor:
@@ -266,6 +298,7 @@ def _edit_hook(edit: FeatureEdit) -> ActsHook:
             ids = mlp.input_ids()
             if ids is None:
                 raise ValueError("token-selected edits need the model's input_ids")
+            ids = ids[ids.shape[0] - acts.shape[0]:]  # patched mode edits the second half only
             where = torch.isin(ids.to(acts.device), selected.to(acts.device))
             value = torch.where(where[..., None], value, acts.index_select(-1, idx))
         return acts.index_copy(-1, idx, value)

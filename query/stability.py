@@ -193,9 +193,9 @@ def stability_markdown(findings: list[SeedFindings], found: list[Direction], min
         "`accuracy` (the accuracy change's lower bound below −tolerance), `controls` (not above the random sets' "
         "95th percentile). Sufficient: `rechecks` (the re-checks the clamp adds, lower bound, below the fraction "
         "of the target's asked), `accuracy` (the clamp costs the hybrid more than the tolerance), `controls` (not "
-        "above the 95th percentile of random sets clamped the same way). *+k support*: no scale of the hesitation "
-        "features alone met the rules on the selection prompts, so k support features were grown there and "
-        "clamped with them (each seed's study.md lists them and the search). The clamp "
+        "above the 95th percentile of random sets clamped the same way). *+k support* (only with "
+        "`--support-features`): k support features were grown on the selection prompts and clamped with the "
+        "hesitation features (each seed's study.md lists them and the search). The clamp "
         "column counts re-checks (a hesitation word opening a sentence or line, words after it, in a response "
         "that ends), not words, and shows the scale chosen on the selection prompts (each seed's study.md has "
         "the sweep over scales).",

@@ -278,16 +278,21 @@ def sufficiency_rules(added: Estimate, target_rechecks: float | None, accuracy_d
     }
 
 
-def sufficiency_shortfall(added: Estimate, target_rechecks: float, accuracy_delta: Estimate, t: Thresholds) -> float:
-    """How far a clamp falls short of the ``rechecks`` and ``accuracy`` rules of *sufficient*, 0
-    when it meets both: the missing re-checks at the lower bound as a share of the target's, plus
-    the missing accuracy at the lower bound. What the selection part minimises when it grows the
-    clamped set (the controls are drawn on the verdict part only)."""
+def sufficiency_margin(added: Estimate, target_rechecks: float, accuracy_delta: Estimate, t: Thresholds) -> float:
+    """How much room a clamp leaves above the ``rechecks`` and ``accuracy`` rules of *sufficient*:
+    each rule's slack at the lower bound (the added re-checks' above ``sufficient_fraction`` of the
+    target's, as a share of the target's; the accuracy change's above −``accuracy_tolerance``).
+    When both are met, the smaller slack (≥ 0); otherwise minus the sum of the missing amounts.
+    What the selection part maximises: a clamp chosen on the selection prompts at the edge of the
+    rules meets them on the verdict prompts about half the time, since its figures there are a
+    fresh draw (the controls are drawn on the verdict part only)."""
     if added.ci95 is None or accuracy_delta.ci95 is None or not target_rechecks:
-        return float("inf")
-    rechecks = max(0.0, t.sufficient_fraction * target_rechecks - added.ci95[0]) / target_rechecks
-    accuracy = max(0.0, -t.accuracy_tolerance - accuracy_delta.ci95[0])
-    return 0.0 if rechecks + accuracy <= ROUNDING else rechecks + accuracy
+        return float("-inf")
+    rechecks = (added.ci95[0] - t.sufficient_fraction * target_rechecks) / target_rechecks
+    accuracy = accuracy_delta.ci95[0] + t.accuracy_tolerance
+    if rechecks >= -ROUNDING and accuracy >= -ROUNDING:
+        return max(0.0, min(rechecks, accuracy))
+    return min(0.0, rechecks) + min(0.0, accuracy)
 
 
 def as_text(e: Estimate, fmt: str = ".2f") -> str:

@@ -19,21 +19,24 @@ The study finds them on one set of held-out prompts and judges them on another:
    accuracy stays within ``accuracy_tolerance`` of the unablated model and hesitations do not
    rise, until the set cuts hesitations per response by ``cut``: *the hesitation features*.
    Then clamp them on in the hybrid (target backbone, base MLPs, no other adapter feature) at each
-   multiple in ``clamp_scales`` of their own activation where they fire (``clamp_at`` fires), or of
-   their mean active value at the positions where a hesitation can begin (onsets: after the tokens
-   at which the target predicts a hesitation word in the selection traces). Sufficiency counts
+   multiple in ``clamp_scales`` of the activation the adapted model gives them on the same text
+   (``clamp_at`` patched, the default: activation patching, the adapted model running beside the
+   hybrid on the hybrid's own tokens), of their own activation where they fire on the hybrid's
+   input (fires), or of their mean active value at the positions where a hesitation can begin
+   (onsets: after the tokens at which the target predicts a hesitation word in the selection
+   traces). Sufficiency counts
    *re-checks*, not words: a hesitation word that opens a sentence or line and is followed by
    words ("Wait, let me check…"; ``tca.adapted.generation.count_rechecks``), in a response that
    ends before ``max_new_tokens``. A feature whose decoder promotes "Wait" can make the hybrid write
    the word where a digit belongs ("5+4=Wait") or repeat it to the token limit; a word count would
-   take either for hesitation. Each scale's *shortfall* is how far it falls short of the
-   ``rechecks`` and ``accuracy`` rules of step 4 on the selection prompts; of the scales that meet
-   them, the one whose re-checks come closest to the target's is judged (none: the smallest
-   shortfall). When no scale meets them, *support features* (largest attribution of either sign
-   first, each as the adapter computes it) join the clamped set one at a time while the shortfall
-   falls, up to ``support_features``, and the scale is swept again with them: the question is
-   whether the features bring back the target's behaviour, with the fewest others it needs, not
-   how many words a clamp can force.
+   take either for hesitation. Each trial's *margin* is the room its lower bounds leave above the
+   ``rechecks`` and ``accuracy`` rules of step 4 on the selection prompts (negative: how far they
+   miss). *Support features* (largest attribution of either sign first, each as the adapter
+   computes it) join the clamped set one at a time while the margin grows, up to
+   ``support_features``, and the scale is swept again with them; the set, with or without support,
+   and the scale with the largest margin are judged. A margin of about 0 on the selection prompts
+   is a coin toss on the verdict prompts: the question is whether the features bring back the
+   target's behaviour with room to spare, not how many words a clamp can force.
 3. **Verdict conditions** on the verdict prompts, each figure with a 95% interval
    (``tca.query.stats``): the target, hybrid and adapted models, the target with the words
    banned, the adapted model with the hesitation features ablated, the hybrid with them clamped,
@@ -59,7 +62,7 @@ import json
 import logging
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -158,30 +161,36 @@ class StudyConfig:
     clamp_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0],
                                       metadata=POSITIVE)
     """Sufficient: clamp each feature at these multiples of its own activation (``clamp_at`` fires) or
-    of its mean active value (onsets, everywhere) on the selection part; of the scales that meet the
-    ``rechecks`` and ``accuracy`` rules there, the one whose re-checks per response
-    (``count_rechecks``; a response cut at ``max_new_tokens`` counts none) come closest to the
-    target's is judged on the verdict part (none meets them: the smallest shortfall). Fine steps
-    from 1 to 2 because on the demo pair the clamp turns from too weak to breaking the answers in
-    that range."""
-    clamp_at: Literal["onsets", "fires", "everywhere"] = "fires"
-    """Sufficient: where, and at what strength, the clamp acts. ``onsets``: at scale × its mean
+    of its mean active value (onsets, everywhere) on the selection part; the scale whose lower
+    bounds there leave the most room above the ``rechecks`` and ``accuracy`` rules (re-checks per
+    response by ``count_rechecks``: a response cut at ``max_new_tokens`` counts none) is judged on
+    the verdict part. Fine steps from 1 to 2 because on the demo pair the clamp turns from too weak
+    to breaking the answers in that range."""
+    clamp_at: Literal["patched", "onsets", "fires", "everywhere"] = "patched"
+    """Sufficient: where, and at what strength, the clamp acts. ``patched``: at scale × the
+    activation the adapted model gives the feature on the same text (activation patching: each
+    prompt is generated twice in one batch, the adapted copy following the hybrid copy's tokens;
+    ``tca.adapted.splice``), so the feature acts where and as strongly as the adapter has it
+    without the features upstream that make it fire; the question is whether its output brings
+    the behaviour back. ``onsets``: at scale × its mean
     active value, at positions whose token precedes a hesitation word where the target predicts one
     in the selection traces (on the demo pair the line break, including the one that ends the prompt
     and those of the answer), so the clamp can start a re-check but not overwrite the arithmetic.
     ``fires``: wherever the feature's encoder fires on the hybrid's own MLP input, at scale × that
-    activation, so the feature decides where as it does in the adapted model (the hybrid then differs
-    only by those features' share of the adapters' output, scaled). ``everywhere``: scale × the mean
+    activation: a stronger question than ``patched``, since in the hybrid a feature's encoder lacks
+    the upstream features that drive it (on the demo pair the hesitation feature then barely
+    fires, and the support search must add its drivers). ``everywhere``: scale × the mean
     active value at every position."""
-    support_features: int = field(default=32, metadata=NON_NEGATIVE)
-    """Sufficient: when no scale of the hesitation features alone meets the ``rechecks`` and
-    ``accuracy`` rules on the selection part (their lower bounds, over selection prompts), the
-    clamped set grows by at most this many *support features*, each acting as the adapter computes
-    it (×1 where it fires). Tried in order of the size of their attribution (either sign: the set
-    must also stop re-checks where the target writes none), each joins when it brings the
-    selection part closer to the rules; the growth stops once the rules are met. The verdict then
-    judges the whole set on the verdict part, against random support sets of the same size. 0: the
-    hesitation features are judged alone."""
+    support_features: int = field(default=0, metadata=NON_NEGATIVE)
+    """Sufficient: the clamped set may grow by at most this many *support features*, each acting
+    as the adapter computes it (×1). Tried in order of the size of their attribution (either sign:
+    the set must also stop re-checks where the target writes none), each joins when it widens the
+    margin (the room the lower bounds over selection prompts leave above the ``rechecks`` and
+    ``accuracy`` rules); the support set is kept only if some scale with it leaves more margin than
+    any without it, and is judged against random support sets of the same size. 0 (the default):
+    the hesitation features are judged alone. Meant for ``clamp_at`` fires, where a feature lacks
+    the upstream features that make it fire (the demo pair's needs about 15); patched gives it the
+    adapted model's activation, and random support sets then add as much as the chosen ones."""
     onset_share: float = field(default=0.05, metadata=PROPORTION)
     """``clamp_at`` onsets: a token is an onset when at least this share of the positions where the
     target predicts a hesitation word in the selection traces sit on it, so a token after which the
@@ -251,10 +260,11 @@ class Trial:
     """The first ``EXAMPLES`` responses as generated: what the counts count, to be read."""
     kept: bool = True
     """Necessity and support trials: whether the newest candidate stayed in the set (necessity:
-    accuracy held and hesitations did not rise; support: the shortfall fell)."""
-    shortfall: float | None = None
-    """Clamp trials on the selection part: how far the clamp falls short of the ``rechecks`` and
-    ``accuracy`` rules of *sufficient* there (``stats.sufficiency_shortfall``; 0: it meets both)."""
+    accuracy held and hesitations did not rise; support: the margin grew)."""
+    margin: float | None = None
+    """Clamp trials on the selection part: the room the clamp leaves above the ``rechecks`` and
+    ``accuracy`` rules of *sufficient* there (``stats.sufficiency_margin``; negative: by how much
+    it misses them)."""
 
 
 @dataclass
@@ -349,16 +359,15 @@ class StudyReport:
     clamp_sweep: list[Trial]
     """Selection part: the hesitation features clamped in the hybrid, one trial per scale."""
     support_search: list[Trial]
-    """Selection part, when no scale of ``clamp_sweep`` meets the rules: the hesitation features at
-    ×1 with the support features kept so far and the next candidate, one trial per candidate."""
+    """Selection part: the hesitation features at ×1 with the support features kept so far and the
+    next candidate, one trial per candidate (empty when ``support_features`` is 0)."""
     support_features: list[tuple[int, int]]
     """The support features clamped with the hesitation features (empty: judged alone)."""
     support_sweep: list[Trial]
     """Selection part: the hesitation features at each scale with the support features at ×1."""
     clamp_scale: float
     """The hesitation features' scale judged: of the sweep that is judged (``support_sweep`` when
-    there are support features), the scale that meets the rules on the selection part with
-    re-checks closest to ``selection_target``'s; if none meets them, the smallest shortfall."""
+    there are support features), the scale with the largest margin on the selection part."""
     hesitation_features: list[Feature]
     """The kept set: necessary when ``necessary``; otherwise the set that cut most while keeping
     accuracy, which sufficiency then tests."""
@@ -566,6 +575,8 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
              sum(len(b.docs) for b in selection.batches), len(verdict.records))
     work = workload("study", selection.batches, tokenizer, selection.records + verdict.records,
                     gen_batch=cfg.gen_batch, new_tokens=cfg.max_new_tokens)
+    if cfg.clamp_at == "patched":  # every batch of a patched clamp runs twice
+        work = replace(work, tokens=2 * work.tokens, gen_batch=2 * work.gen_batch)
     model = load_adapted(path, cfg.base, cfg.target, device=cfg.device, dtype=cfg.dtype, keep_target=True, work=work)
     mlps = {i: m for i, m in adapted_mlps(model).items() if m.adapter is not None}
     total = sum(m.adapter.cfg.n_features for m in mlps.values())
@@ -638,11 +649,12 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
                   {"a": name}).to_pydict()
     means = {(l, f): m for l, f, m in zip(table["layer"], table["feature"], table["mean"], strict=True)}
     onsets = _onsets(selection, cfg.onset_share) if cfg.clamp_at == "onsets" else None
+    clamp_mode = "patched" if cfg.clamp_at == "patched" else "hybrid"
 
     def clamps(scale: float, features: list[tuple[int, int]], support: list[tuple[int, int]] = ()
                ) -> list[FeatureEdit]:
         """``features`` clamped as ``clamp_at`` says at ``scale``; ``support`` as the adapter computes them."""
-        if cfg.clamp_at == "fires":
+        if cfg.clamp_at in ("fires", "patched"):
             main = [FeatureEdit(layer, [f], scale, relative=True) for layer, f in features]
         else:
             main = _edit_sets(features, lambda layer, f: scale * means.get((layer, f), 0.0), onsets)
@@ -653,9 +665,9 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
     sel_counts = stats.resample_counts(len(selection.records), cfg.resamples)
 
     def clamp_trial(trial: str, support: list[tuple[int, int]], scale: float) -> Trial:
-        """The clamped hybrid on the selection part, with its shortfall against the rules."""
-        t, out = run(selection, trial, "hybrid", clamped_set + support, clamps(scale, clamped_set, support))
-        t.shortfall = stats.sufficiency_shortfall(
+        """The clamped hybrid on the selection part, with its margin above the rules."""
+        t, out = run(selection, trial, clamp_mode, clamped_set + support, clamps(scale, clamped_set, support))
+        t.margin = stats.sufficiency_margin(
             stats.paired_difference(out.rechecks, sel_hybrid_out.rechecks, sel_counts), sel_target.rechecks,
             stats.paired_difference(out.correct, sel_hybrid_out.correct, sel_counts), thresholds)
         return t
@@ -664,26 +676,26 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         with_support = f" + {len(support)} support" if support else ""
         trials = [clamp_trial(f"clamp x{s:g}{with_support} in the hybrid (selection)", support, s)
                   for s in cfg.clamp_scales]
-        return trials, _judged_scale(trials, sel_target.rechecks)
+        return trials, _judged_scale(trials, cfg.clamp_scales)
 
     sweep, pick = sweep_scales([])
     support, support_search, support_sweep = [], [], []
-    if chosen and sweep[pick].shortfall > 0 and cfg.support_features:
+    if chosen and cfg.support_features:
         current = (sweep[cfg.clamp_scales.index(1.0)] if 1.0 in cfg.clamp_scales
                    else clamp_trial("clamp x1 in the hybrid (selection)", [], 1.0))
         for layer, f in _support_pool(cfg, name, clamped_set):
-            if current.shortfall == 0 or len(support) == cfg.support_features:
+            if len(support) == cfg.support_features:
                 break
             trial = clamp_trial(f"x1 + support {len(support) + 1}: + ({layer}, {f})", support + [(layer, f)], 1.0)
-            trial.kept = trial.shortfall < current.shortfall
+            trial.kept = trial.margin > current.margin
             if not trial.kept:
-                trial.name += " (dropped: no closer)"
+                trial.name += " (dropped: no more margin)"
             support_search.append(trial)
             if trial.kept:
                 support, current = support + [(layer, f)], trial
         if support:
             support_sweep, support_pick = sweep_scales(support)
-            if support_sweep[support_pick].shortfall < sweep[pick].shortfall:
+            if support_sweep[support_pick].margin > sweep[pick].margin:
                 pick = support_pick
             else:
                 support = []
@@ -699,7 +711,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         ("target_banned", "target, words banned", "target", [], [], word_ids),
         *([("ablated", "adapted, hesitation features ablated", "adapted", chosen, _edit_sets(chosen), None)]
           if chosen else []),
-        ("clamped", f"hybrid, clamped x{scale:g}" + (f" + {len(support)} support" if support else ""), "hybrid",
+        ("clamped", f"hybrid, clamped x{scale:g}" + (f" + {len(support)} support" if support else ""), clamp_mode,
          clamped_set + support, clamps(scale, clamped_set, support), None),
     ]:
         trials[key], per_prompt[key] = run(verdict, trial_name, mode, features, feature_edits, banned)
@@ -732,7 +744,7 @@ def hesitation_study(cfg: StudyConfig) -> StudyReport:
         for i, draw in enumerate(matched(support or chosen, passing_keys | tried | set(chosen)), start=1):
             key = f"clamp control {i}"
             kept, extra = (clamped_set, draw.features) if support else (draw.features, [])
-            trial, per_prompt[key] = run(verdict, f"clamp random set {i} (control)", "hybrid", kept + extra,
+            trial, per_prompt[key] = run(verdict, f"clamp random set {i} (control)", clamp_mode, kept + extra,
                                          clamps(scale, kept, extra))
             clamp_controls.append(Control(draw.features, draw.factor, trial, added=float(
                 np.mean(per_prompt[key].rechecks) - np.mean(per_prompt["hybrid"].rechecks))))
@@ -791,11 +803,10 @@ def _support_pool(cfg: StudyConfig, name: str, clamped: list[tuple[int, int]]) -
     return [(r["layer"], r["feature"]) for r in rows if (r["layer"], r["feature"]) not in clamped][: cfg.max_features]
 
 
-def _judged_scale(trials: list[Trial], target_rechecks: float) -> int:
-    """The trial of a sweep to judge: among those that meet the rules on the selection part, the one
-    whose re-checks are closest to the target's; if none does, the smallest shortfall (then the
-    closest); the first listed on a tie."""
-    return min(range(len(trials)), key=lambda i: (trials[i].shortfall, abs(trials[i].rechecks - target_rechecks), i))
+def _judged_scale(trials: list[Trial], scales: list[float]) -> int:
+    """The trial of a sweep to judge: the largest margin on the selection part; on a tie (accuracy
+    moves in steps of one prompt) the weaker clamp, then the first listed."""
+    return min(range(len(trials)), key=lambda i: (-trials[i].margin, scales[i], i))
 
 
 def _figure_estimates(o: Outcomes, counts) -> dict[str, Estimate]:
@@ -1015,19 +1026,19 @@ def _support_section(report: StudyReport, words: str) -> list[str]:
     if not report.support_search:
         return []
     rows = ["### The support search", "",
-            "No scale of the hesitation features alone met the rules of *sufficient* on the selection prompts "
-            "(shortfall: how far the lower bounds of the added re-checks and of the accuracy change fall short, "
-            "0 when both are met). So, at ×1, features of the largest attribution to " + words + ", of either sign, "
-            "join one at a time, each kept when the shortfall falls, until it reaches 0.", "",
-            "| trial | features | accuracy | re-checks / response | shortfall | kept |",
+            "Margin: the room the lower bounds of the added re-checks and of the accuracy change leave above "
+            "the rules of *sufficient* on the selection prompts (the smaller of the two; negative: how far they "
+            "miss). At ×1, features of the largest attribution to " + words + ", of either sign, join one at a "
+            "time, each kept when the margin grows.", "",
+            "| trial | features | accuracy | re-checks / response | margin | kept |",
             "|---|---:|---:|---:|---:|---|"]
     for t, kept in [(t, _yes(t.kept)) for t in report.support_search] + [(t, "") for t in report.support_sweep]:
         rows.append(f"| {t.name} | {t.n_features} | {_acc(t.figures.accuracy)} | {t.rechecks:.2f} | "
-                    f"{_num(t.shortfall, '.3f')} | {kept} |")
+                    f"{_num(t.margin, '+.3f')} | {kept} |")
     kept = (f"The {len(report.support_features)} kept are judged with the hesitation features at "
             f"×{report.clamp_scale:g} (the last rows: the hesitation features' scale swept with them)."
             ) if report.support_features else (
-            "With them no scale came closer to the rules than the hesitation features alone, which are judged alone.")
+            "With them no scale left more margin than the hesitation features alone, which are judged alone.")
     return rows + ["", kept, ""]
 
 
@@ -1040,12 +1051,16 @@ def _shown(examples: list[str]) -> list[str]:
 
 
 def _clamp_basis(report: StudyReport) -> str:
-    return "their own activation" if report.clamp_at == "fires" else "their mean active value"
+    return {"fires": "their own activation", "patched": "the activation the adapted model gives them on the same text"
+            }.get(report.clamp_at, "their mean active value")
 
 
 def _clamp_where(report: StudyReport) -> str:
     if report.clamp_at == "fires":
         return "wherever its encoder fires on the hybrid's MLP input."
+    if report.clamp_at == "patched":
+        return ("wherever it fires in the adapted model, which runs beside the hybrid on the hybrid's own text "
+                "(activation patching).")
     if report.clamp_pieces is None:
         return "at every position."
     return ("at the positions after " + ", ".join(repr(x) for x in report.clamp_pieces)

@@ -1,5 +1,6 @@
 """`tca demo --quick --seeds 2` end to end on the shipped pair: one harvest, every stage per seed,
-each seed's files in its folder, and the stability table read back against the files (slow).
+each seed's files in its folder, and the stability table read back against the files; a seed
+run alone with --first-seed repeats it (slow).
 The single-seed layout is what tests/test_reproducible.py runs."""
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from tca.train.checkpoint import load_adapters
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_runs_every_stage_for_each_seed(tmp_path):
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
     if not (DEMO_PAIR / "base").is_dir():
         pytest.skip(f"the demo pair is missing ({DEMO_PAIR})")
-    out = tmp_path / "demo"
+    out = tmp_path_factory.mktemp("demo") / "demo"
     res = CliRunner().invoke(main, ["demo", "--quick", "--seeds", "2", "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_quick_demo_runs_every_stage_for_each_seed(two_seeds):
+    out, res = two_seeds
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["seconds"]) == ["harvest", "train", "refine", "index", "eval", "study"]
     # harvested once, into the shared store; nothing of a single run's layout at the top
@@ -73,6 +80,22 @@ def test_quick_demo_runs_every_stage_for_each_seed(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2 and "tca demo --quick --seeds 2 --device cpu" in table
     assert str(out / "seed-1") in res.stdout
+
+
+def test_a_seed_run_alone_from_first_seed_repeats_it_byte_for_byte(two_seeds, tmp_path):
+    """``--first-seed 1`` alone gives what seed 1 gave beside seed 0: a seed's run does not depend on
+    the seeds run with it, so fresh seeds can be run without repeating the ones before them."""
+    out, _ = two_seeds
+    alone = tmp_path / "alone"
+    res = CliRunner().invoke(main, ["demo", "--quick", "--first-seed", "1", "--out", str(alone), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((alone / "summary.json").read_text())
+    assert [r["seed"] for r in summary["seeds"]] == [1]
+    for adapters in ("adapters-offline", "adapters"):
+        assert (alone / adapters / "adapters.safetensors").read_bytes() == \
+            (out / "seed-1" / adapters / "adapters.safetensors").read_bytes(), adapters
+    assert (alone / "study" / "study.json").read_bytes() == (out / "seed-1" / "study" / "study.json").read_bytes()
+    assert "tca demo --quick --first-seed 1 --device cpu" in (alone / "stability.md").read_text()
 
 
 def test_demo_refuses_a_folder_that_holds_files(tmp_path):

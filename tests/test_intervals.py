@@ -217,13 +217,17 @@ def test_sufficient_needs_the_lower_bounds_of_the_added_rechecks_and_of_the_accu
     assert stats.sufficiency_rules(added, target, held, [], RULES)["controls"] is False
 
 
-def test_the_shortfall_is_zero_exactly_when_both_interval_rules_are_met():
+def test_the_margin_is_the_smaller_slack_when_both_interval_rules_are_met_else_minus_the_missing_amounts():
     target = 2.8  # needs 0.7 added at the lower bound, accuracy lower bound >= -0.05
-    met = stats.sufficiency_shortfall(Estimate(1.0, [0.7, 1.3]), target, Estimate(0.0, [-0.05, 0.05]), RULES)
-    assert met == 0.0
-    short = stats.sufficiency_shortfall(Estimate(1.0, [0.42, 1.3]), target, Estimate(-0.1, [-0.15, 0.0]), RULES)
-    assert short == pytest.approx((0.7 - 0.42) / 2.8 + 0.10)
-    # each part counts only where its rule fails
-    assert stats.sufficiency_shortfall(Estimate(3.0, [2.5, 3.5]), target, Estimate(-0.1, [-0.2, 0.0]),
-                                       RULES) == pytest.approx(0.15)
-    assert stats.sufficiency_shortfall(stats.NONE, target, Estimate(0.0, [-0.05, 0.05]), RULES) == float("inf")
+    assert stats.sufficiency_margin(Estimate(1.0, [0.7, 1.3]), target, Estimate(0.0, [-0.05, 0.05]), RULES) == 0.0
+    # room on both: the re-check slack is a share of the target's re-checks, the accuracy slack in proportion
+    room = stats.sufficiency_margin(Estimate(1.5, [1.12, 1.9]), target, Estimate(0.1, [0.05, 0.2]), RULES)
+    assert room == pytest.approx(min((1.12 - 0.7) / 2.8, 0.05 + 0.05))
+    assert stats.sufficiency_margin(Estimate(1.5, [1.12, 1.9]), target, Estimate(0.0, [-0.04, 0.1]),
+                                    RULES) == pytest.approx(0.01)
+    short = stats.sufficiency_margin(Estimate(1.0, [0.42, 1.3]), target, Estimate(-0.1, [-0.15, 0.0]), RULES)
+    assert short == pytest.approx(-((0.7 - 0.42) / 2.8 + 0.10))
+    # a rule that is met adds nothing to what is missing
+    assert stats.sufficiency_margin(Estimate(3.0, [2.5, 3.5]), target, Estimate(-0.1, [-0.2, 0.0]),
+                                    RULES) == pytest.approx(-0.15)
+    assert stats.sufficiency_margin(stats.NONE, target, Estimate(0.0, [-0.05, 0.05]), RULES) == float("-inf")

@@ -19,6 +19,7 @@ from tca.adapted.evaluate import mode as computing_as
 from tca.adapted.generation import generate, questions_of, score
 from tca.adapted.intervene import (
     InterventionConfig,
+    forward_logits,
     intervention_effect,
     parse_edits,
     run_intervention,
@@ -205,17 +206,98 @@ def test_edits_apply_under_generate(world):
     with edits(model, chosen):
         cached = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
         for question, got in zip(questions_of(records), cached):
-            ids = tok(render_deepseek(question), add_special_tokens=False)["input_ids"]
-            response, ended = [], False
-            with torch.no_grad():
-                for _ in range(n_new):
-                    nxt = int(model(torch.tensor([ids + response])).logits[0, -1].argmax())
-                    if nxt == tok.eos_token_id:
-                        ended = True
-                        break
-                    response.append(nxt)
+            response, ended = _greedy_without_cache(lambda ids: model(ids).logits, tok, question, n_new)
             assert got.ids == response and got.truncated is not ended
     assert cached != plain  # the edits change what is generated
+
+
+@torch.no_grad()
+def _greedy_without_cache(logits_of, tok, question: str, n_new: int) -> tuple[list[int], bool]:
+    """Greedy decoding that recomputes the whole sequence each step; whether it ended."""
+    ids = tok(render_deepseek(question), add_special_tokens=False)["input_ids"]
+    response = []
+    for _ in range(n_new):
+        nxt = int(logits_of(torch.tensor([ids + response]))[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            return response, True
+        response.append(nxt)
+    return response, False
+
+
+PATCHES = {1: ([3, 6], 2.0), 3: ([9], 4.0)}
+"""layer -> (features, scale) of the patched-mode tests."""
+
+
+@torch.no_grad()
+def _patched_reference(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the hybrid with each patched feature added by a plain forward hook, at scale times
+    the activation the adapted model gives it on the same tokens (taken from a separate adapted run)."""
+    mlps = {layer: model.model.layers[layer].mlp for layer in PATCHES}
+    inputs, handles = {}, []
+    for layer, mlp in mlps.items():
+        handles.append(mlp.register_forward_hook(lambda _m, args, _o, layer=layer: inputs.__setitem__(layer, args[0])))
+    set_mode(model, "adapted")
+    model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    for layer, (features, scale) in PATCHES.items():
+        ad = mlps[layer].adapter
+        source = ad.encode(inputs[layer])[..., features]
+
+        def add(_m, _args, out, ad=ad, source=source, features=features, scale=scale):
+            return out + scale * source @ ad.W_dec[features]
+        handles.append(mlps[layer].register_forward_hook(add))
+    set_mode(model, "hybrid")
+    try:
+        return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _patches() -> list[FeatureEdit]:
+    return [FeatureEdit(layer, features, scale, relative=True) for layer, (features, scale) in PATCHES.items()]
+
+
+def test_patched_mode_takes_each_features_activation_from_the_adapted_model(world):
+    model = _model(world)
+    for batch in world["batches"][:2]:
+        want = _patched_reference(model, batch.input_ids, batch.attention_mask)
+        with computing_as(model, "patched"), edits(model, _patches()):
+            got = forward_logits(model, batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with computing_as(model, "patched"):  # without edits the patched copy is the hybrid
+            torch.testing.assert_close(forward_logits(model, batch), _hybrid_logits(model, batch), rtol=1e-5,
+                                       atol=1e-5)
+        assert not torch.allclose(got, _hybrid_logits(model, batch), atol=1e-4)
+
+
+@torch.no_grad()
+def _hybrid_logits(model, batch):
+    with computing_as(model, "hybrid"):
+        return _logits(model, batch)
+
+
+def test_patched_generation_equals_greedy_decoding_of_the_reference(world):
+    """Cached patched generation (each prompt twice in the batch, the adapted copy following the
+    patched copy) equals greedy decoding without a cache of the hook-based reference."""
+    tok, model = world["tok"], _model(world)
+    records, n_new = world["records"][:2], 6
+    with computing_as(model, "hybrid"):
+        hybrid = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
+    with computing_as(model, "patched"), edits(model, _patches()):
+        patched = generate(model, tok, questions_of(records), max_new_tokens=n_new, batch_size=1)
+    for question, got in zip(questions_of(records), patched, strict=True):
+        response, ended = _greedy_without_cache(lambda ids: _patched_reference(model, ids), tok, question, n_new)
+        assert got.ids == response and got.truncated is not ended
+    assert patched != hybrid  # the patch changes what is generated
+
+
+def test_patched_mode_needs_the_batch_twice(world):
+    model = _model(world)
+    set_mode(model, "patched")
+    with pytest.raises(ValueError, match="even"):
+        model(torch.tensor([[1, 2, 3]]))
 
 
 # ---- measuring ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -142,8 +143,11 @@ def test_the_default_task_is_the_shipped_sum_task(tmp_path):
     # What the builder writes with no task is byte for byte the shipped demo pair's data.
     cfg = BuildConfig(out=DEMO_PAIR)
     assert cfg.task == "sum"
-    _, train, val = problems_of(cfg)
-    for name, problems in (("train", train), ("val", val)):
+    _, train, val, verdict = problems_of(cfg)
+    assert verdict == []  # the verdict set is the demo pair's command's, not a default
+    _, _, val_too, verdict = problems_of(replace(cfg, n_verdict=200))
+    assert val_too == val and not {p.terms for p in verdict} & {p.terms for p in problems_of(cfg)[0] + val}
+    for name, problems in (("train", train), ("val", val), ("verdict", verdict)):
         written = write_jsonl([to_record(p, reasoning_trace(p)) for p in problems], tmp_path / f"{name}.jsonl")
         assert written.read_bytes() == (DEMO_PAIR / "data" / f"{name}.jsonl").read_bytes()
 
@@ -336,7 +340,7 @@ def test_shipped_pair_loads_and_its_tokenizer_round_trips(shipped):
     readme = (pair / "README.md").read_text()
     recipe = json.loads(readme.split("The recipe")[1].split("```json\n")[1].split("```")[0])
     cfg = BuildConfig(out=pair, **{"task": task, **recipe})
-    pretrain, train, _ = problems_of(cfg)
+    pretrain, train, _, _ = problems_of(cfg)
     trained = tokenizer_of(cfg, pretrain, train)
     samples = [text] + [render_deepseek(p.question, short_answer(p)) for p in pretrain[:50]]
     samples += [render_deepseek(p.question, reasoning_trace(p)) for p in train[:50]]

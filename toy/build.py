@@ -85,6 +85,12 @@ class BuildConfig:
     """Of those, how many the reasoning model is fine-tuned on as traces (``data/train.jsonl``)."""
     n_val: int = field(default=200, metadata=POSITIVE)
     """Held-out problems (``data/val.jsonl``); the figures are measured on all of them."""
+    n_verdict: int = field(default=0, metadata=NON_NEGATIVE)
+    """More held-out problems, drawn after the val ones (``data/verdict.jsonl``, none at 0): the
+    hesitation study's verdict part, so that all of val.jsonl selects and each part has its own
+    problems (``tca demo`` uses it when present). The demo pair ships 200: at 100 prompts a part,
+    a clamp that flips a tenth of the answers either way cannot show that it costs less than 5
+    points of accuracy (docs/study.md, On the demo pair)."""
     min_terms: int = field(default=5, metadata=POSITIVE)
     """Fewest digits in one problem."""
     max_terms: int = field(default=8, metadata=POSITIVE)
@@ -167,10 +173,12 @@ def build(cfg: BuildConfig) -> BuildResult:
     out = Path(cfg.out)
     wall, cpu = time.perf_counter(), time.process_time()
     with deterministic(cfg.threads):
-        pretrain, train, val = problems_of(cfg)
+        pretrain, train, val, verdict = problems_of(cfg)
         train_path = write_jsonl([to_record(p, reasoning_trace(p)) for p in train], out / "data" / "train.jsonl")
         val_records = [to_record(p, reasoning_trace(p)) for p in val]
         val_path = write_jsonl(val_records, out / "data" / "val.jsonl")
+        if verdict:
+            write_jsonl([to_record(p, reasoning_trace(p)) for p in verdict], out / "data" / "verdict.jsonl")
         tokenizer = tokenizer_of(cfg, pretrain, train)
         log.info("tokenizer: %d tokens", len(tokenizer))
 
@@ -208,12 +216,12 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
-    """The base's pretraining problems, the fine-tune's (a prefix of them) and the val set."""
-    pretrain, val = make_problems(
-        cfg.n_pretrain, cfg.n_val, seed=cfg.seed, min_terms=cfg.min_terms, max_terms=cfg.max_terms, task=cfg.task
-    )
-    return pretrain, pretrain[: cfg.n_train], val
+def problems_of(cfg: BuildConfig) -> tuple[list[Problem], list[Problem], list[Problem], list[Problem]]:
+    """The base's pretraining problems, the fine-tune's (a prefix of them), the val set and the
+    verdict set (drawn after val, so adding verdict problems leaves every other set as it was)."""
+    pretrain, held_out = make_problems(cfg.n_pretrain, cfg.n_val + cfg.n_verdict, seed=cfg.seed,
+                                       min_terms=cfg.min_terms, max_terms=cfg.max_terms, task=cfg.task)
+    return pretrain, pretrain[: cfg.n_train], held_out[: cfg.n_val], held_out[cfg.n_val:]
 
 
 def tokenizer_of(cfg: BuildConfig, pretrain: list[Problem], train: list[Problem]):
@@ -239,8 +247,9 @@ def _check(cfg: BuildConfig) -> None:
     if not hasattr(torch, cfg.weight_dtype) or not isinstance(getattr(torch, cfg.weight_dtype), torch.dtype):
         raise TcaError(f"{cfg.weight_dtype!r} is not a torch dtype.")
     space = problem_space(cfg.min_terms, cfg.max_terms, cfg.task)
-    if cfg.n_pretrain + cfg.n_val > space // 2:
-        raise TcaError(f"{cfg.n_pretrain + cfg.n_val} distinct problems are too many for {space} possible "
+    total = cfg.n_pretrain + cfg.n_val + cfg.n_verdict
+    if total > space // 2:
+        raise TcaError(f"{total} distinct problems are too many for {space} possible "
                        f"{TASKS[cfg.task].noun}s.")
 
 
@@ -386,7 +395,7 @@ a chat template that renders the DeepSeek-R1 layout). Both load with
 `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
 
 {_task_prose(cfg, how)}
-- `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.
+- `data/val.jsonl`: {cfg.n_val} held-out problems in the same schema.{_verdict_prose(cfg)}
 
 {cfg.num_layers} layers, d_model {cfg.hidden_size}, MLP width {cfg.intermediate_size}, untied embeddings,
 weights saved in {cfg.weight_dtype}.
@@ -414,6 +423,14 @@ machine writes identical files. The recipe (`tca.toy.build.BuildConfig`):
         text += f"\nThe figures as JSON:\n\n```json\n{json.dumps(figures_json(figures), indent=2)}\n```\n"
     path.write_text(text)
     return path
+
+
+def _verdict_prose(cfg: BuildConfig) -> str:
+    if not cfg.n_verdict:
+        return ""
+    return (f"\n- `data/verdict.jsonl`: {cfg.n_verdict} more held-out problems, drawn after those of val.jsonl: the "
+            "hesitation study's verdict prompts (`tca study hesitation --verdict-data`), while all of val.jsonl "
+            "selects.")
 
 
 def _task_prose(cfg: BuildConfig, how: str) -> str:

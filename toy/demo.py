@@ -8,9 +8,10 @@ behaviour recovered, the hesitation features) and where everything is. ``quick``
 budget so the run is a smoke test (CI runs it).
 
 With ``seeds`` N > 1 the store is harvested once (it does not depend on the seed) and seeds
-0 … N−1 each run train → refine → index → eval → study into ``OUT/seed-S/``; ``stability.md``
-compares them (``tca.query.stability``): each seed's findings, and which hesitation features
-recur, matched by decoder direction. One seed writes the single-run layout into ``OUT``.
+F … F+N−1 (``first_seed`` F, default 0) each run train → refine → index → eval → study into
+``OUT/seed-S/``; ``stability.md`` compares them (``tca.query.stability``): each seed's findings,
+and which hesitation features recur, matched by decoder direction. One seed writes the
+single-run layout into ``OUT``.
 """
 
 from __future__ import annotations
@@ -58,16 +59,22 @@ class DemoConfig:
     its command)."""
     eval_prompts: int = field(default=200, metadata=NON_NEGATIVE)
     """Held-out prompts generated from by the evaluation."""
-    study_prompts: int = field(default=100, metadata=POSITIVE)
-    """Held-out prompts per condition of the hesitation study."""
+    study_prompts: int = field(default=200, metadata=POSITIVE)
+    """Prompts per part of the hesitation study: the first of val.jsonl select, the first of
+    data/verdict.jsonl judge (a pair without verdict.jsonl splits val.jsonl in two instead)."""
     study_features: int = field(default=64, metadata=POSITIVE)
     """Most candidates the study tries (one ablation each)."""
     max_new_tokens: int = field(default=200, metadata=POSITIVE)
     """Longest generated response, passed to the evaluation and the study in place of their
     4096 (sized for R1 traces): the demo target's responses are about 90 tokens."""
     seeds: int = field(default=1, metadata=POSITIVE)
-    """Run seeds 0 … N−1 (training, refinement and the study's controls), each in OUT/seed-S/
-    after one harvest, and compare what they find in OUT/stability.md; 1 keeps the single-run layout."""
+    """Run seeds F … F+N−1 (training, refinement and the study's controls; F is ``first_seed``),
+    each in OUT/seed-S/ after one harvest, and compare what they find in OUT/stability.md; 1 keeps
+    the single-run layout."""
+    first_seed: int = field(default=0, metadata=NON_NEGATIVE)
+    """The first seed run. A seed's results do not depend on the others run with it, so
+    ``--seeds 3 --first-seed 6`` gives seeds 6–8 as ``--seeds 9`` would: fresh seeds on which to
+    judge a change of method that was designed while watching seeds 0 … 5."""
     match_cosine: float = field(default=0.9, metadata=SHARE)
     """Features of two seeds are the same feature when their decoder directions (rows of the refined
     ``W_dec``, same layer) have at least this cosine."""
@@ -135,10 +142,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                               device=cfg.device, threads=cfg.threads,
                               plan=PlanConfig(data=str(pair / "data" / "train.jsonl"), max_tokens=cfg.harvest_tokens)))
     runs = []
-    for seed in range(cfg.seeds):
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         # one seed keeps the folder layout of a single run; several get a folder each
         folder = out if cfg.seeds == 1 else out / f"seed-{seed}"
-        log.info("== seed %d of %d, into %s", seed + 1, cfg.seeds, folder)
+        log.info("== seed %d (%d of %d), into %s", seed, len(runs) + 1, cfg.seeds, folder)
         runs.append(_run_seed(cfg, seed, store, folder))
         for name, s in runs[-1].seconds.items():
             seconds[name] = round(seconds.get(name, 0.0) + s, 1)
@@ -185,6 +192,7 @@ def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun
     pair = Path(cfg.pair)
     base, target = str(pair / "base"), str(pair / "reasoning")
     train_data, val_data = str(pair / "data" / "train.jsonl"), str(pair / "data" / "val.jsonl")
+    verdict_data = pair / "data" / "verdict.jsonl"
     paths = {
         "offline": folder / "adapters-offline", "adapters": folder / "adapters",
         "index": folder / "index.duckdb", "eval": folder / "eval.json", "study": folder / "study",
@@ -214,6 +222,7 @@ def _run_seed(cfg: DemoConfig, seed: int, store: Path, folder: Path) -> _SeedRun
         paths["eval"].write_text(json.dumps(evaluation, indent=2) + "\n")
     with _stage("study", seconds):
         study = hesitation_study(StudyConfig(adapters=named, base=base, target=target, data=val_data,
+                                             verdict_data=str(verdict_data) if verdict_data.is_file() else None,
                                              index=str(paths["index"]), out=str(paths["study"]),
                                              prompts=cfg.study_prompts, max_new_tokens=cfg.max_new_tokens,
                                              max_features=cfg.study_features, device=cfg.device, seed=seed,
