@@ -88,7 +88,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 def demo_cmd(cfg, as_json) -> None:
     """The whole pipeline on the shipped demo pair: harvest, train, refine, index, eval, study.
 
-    About 240 CPU seconds per seed at --threads 1 (docs/study.md, On the demo pair; the stage
+    About 350 CPU seconds per seed at --threads 1 (docs/study.md, On the demo pair; the stage
     timings it prints are CPU seconds, which a shared machine's load does not inflate). Everything
     lands in --out: the store, the offline and the refined adapters, the index, eval.json and the
     hesitation study (study/study.md); with --seeds N each seed's in --out/seed-S/, and

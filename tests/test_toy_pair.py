@@ -145,7 +145,7 @@ def test_the_default_task_is_the_shipped_sum_task(tmp_path):
     assert cfg.task == "sum"
     _, train, val, verdict = problems_of(cfg)
     assert verdict == []  # the verdict set is the demo pair's command's, not a default
-    _, _, val_too, verdict = problems_of(replace(cfg, n_verdict=200))
+    _, _, val_too, verdict = problems_of(replace(cfg, n_verdict=400))
     assert val_too == val and not {p.terms for p in verdict} & {p.terms for p in problems_of(cfg)[0] + val}
     for name, problems in (("train", train), ("val", val), ("verdict", verdict)):
         written = write_jsonl([to_record(p, reasoning_trace(p)) for p in problems], tmp_path / f"{name}.jsonl")

@@ -88,9 +88,9 @@ class BuildConfig:
     n_verdict: int = field(default=0, metadata=NON_NEGATIVE)
     """More held-out problems, drawn after the val ones (``data/verdict.jsonl``, none at 0): the
     hesitation study's verdict part, so that all of val.jsonl selects and each part has its own
-    problems (``tca demo`` uses it when present). The demo pair ships 200: at 100 prompts a part,
-    a clamp that flips a tenth of the answers either way cannot show that it costs less than 5
-    points of accuracy (docs/study.md, On the demo pair)."""
+    problems (``tca demo`` uses it when present). The demo pair ships 400: a clamp that changes
+    one answer in sixteen, mostly for the worse, cannot show at 200 prompts that it costs less
+    than 5 points of accuracy (docs/study.md, On the demo pair)."""
     min_terms: int = field(default=5, metadata=POSITIVE)
     """Fewest digits in one problem."""
     max_terms: int = field(default=8, metadata=POSITIVE)

@@ -59,9 +59,9 @@ class DemoConfig:
     its command)."""
     eval_prompts: int = field(default=200, metadata=NON_NEGATIVE)
     """Held-out prompts generated from by the evaluation."""
-    study_prompts: int = field(default=200, metadata=POSITIVE)
-    """Prompts per part of the hesitation study: the first of val.jsonl select, the first of
-    data/verdict.jsonl judge (a pair without verdict.jsonl splits val.jsonl in two instead)."""
+    study_prompts: int = field(default=400, metadata=POSITIVE)
+    """Prompts per part of the hesitation study, at most: val.jsonl selects (the demo pair's 200),
+    data/verdict.jsonl judges (its 400; a pair without verdict.jsonl splits val.jsonl in two)."""
     study_features: int = field(default=64, metadata=POSITIVE)
     """Most candidates the study tries (one ablation each)."""
     max_new_tokens: int = field(default=200, metadata=POSITIVE)
