@@ -137,13 +137,7 @@ class AdaptedMLP(nn.Module):
         else:  # hybrid with hooks: only what the hooks put in (clamped features) is decoded
             acts, bias = xa.new_zeros(*x.shape[:-1], a.cfg.n_features), None
             self.encoded = functools.cache(lambda: a.encode(xa))
-        for hook in self.acts_hooks:
-            edited = hook(self, acts)
-            if edited is not None:
-                acts = edited
-        self.encoded = _outside_forward  # holds no activations between forwards
-        return out + decode(acts, a.W_dec, bias).to(out.dtype)
-
+        return out + decode(self._hooked(acts), a.W_dec, bias).to(out.dtype)
 
     def _patched(self, xa: torch.Tensor) -> torch.Tensor:
         """The adapter's output in ``patched`` mode: the full adapter on the first half of the
@@ -153,13 +147,17 @@ class AdaptedMLP(nn.Module):
             raise ValueError("patched mode reads the batch as two copies of each sequence; its size must be even")
         source = a.encode(xa[:half])
         self.encoded = lambda: source
-        acts = torch.zeros_like(source)
+        edited = self._hooked(torch.zeros_like(source))
+        return torch.cat([decode(source, a.W_dec, a.b_dec), decode(edited, a.W_dec, None)])
+
+    def _hooked(self, acts: torch.Tensor) -> torch.Tensor:
+        """``acts`` through every hook in turn (an edit replaces them, an observer leaves them)."""
         for hook in self.acts_hooks:
             edited = hook(self, acts)
             if edited is not None:
                 acts = edited
-        self.encoded = _outside_forward
-        return torch.cat([decode(source, a.W_dec, a.b_dec), decode(acts, a.W_dec, None)])
+        self.encoded = _outside_forward  # holds no activations between forwards
+        return acts
 
 
 def paired(model: nn.Module) -> bool:
